@@ -1,0 +1,180 @@
+"""Assembling and running the agent: plugins, the aiohttp app, the listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import ssl
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import openapi, sdnotify, server
+from .config import Config, ConfigError, validate_section
+from .context import AgentContext
+from .core_routes import CorePlugin
+from .metrics import Metrics
+from .plugin import Plugin
+
+log = logging.getLogger("node_agent")
+ENTRY_POINT_GROUP = "node_agent.plugins"
+
+
+def discover() -> tuple[dict[str, type[Plugin]], list[dict[str, Any]]]:
+    """Plugin classes from the entry points; a broken one is reported, not fatal."""
+    found: dict[str, type[Plugin]] = {}
+    failures: list[dict[str, Any]] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+                raise TypeError(f"{ep.value} is not a Plugin subclass")
+        except Exception as e:
+            log.error("plugin %s cannot be loaded: %s", ep.name, e)
+            failures.append({"name": ep.name, "available": False,
+                             "reason": f"cannot be loaded: {type(e).__name__}: {e}"})
+            continue
+        found[cls.name or ep.name] = cls
+    return found, failures
+
+
+def check_sections(config: Config, classes: dict[str, type[Plugin]]) -> dict[str, dict[str, Any]]:
+    """Validate every plugin section now, so a bad config is refused at start."""
+    owners = {s: name for name, cls in classes.items() for s in cls.config_sections}
+    unknown = sorted(set(config.plugins) - set(owners))
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; known: "
+                          f"server, auth, state, log, {', '.join(sorted(owners))}")
+    settings: dict[str, dict[str, Any]] = {name: {} for name in classes}
+    for section, name in owners.items():
+        model = classes[name].config_sections[section]
+        settings[name][section] = validate_section(section, model, config.plugins.get(section, {}))
+    return settings
+
+
+def ensure_token(path: Path) -> str:
+    """Read the token, or create one (0600) on first start."""
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    print(f"node-agent: generated a new API token in {path}", file=sys.stderr)
+    return token
+
+
+def _plugin_ctx(plugin: Plugin):
+    """An aiohttp cleanup_ctx that never lets one plugin's start-up stop the agent."""
+    async def ctx(app: web.Application):
+        gen = plugin.lifecycle()
+        try:
+            await gen.__anext__()
+        except Exception as e:
+            log.exception("plugin %s failed to start", plugin.name)
+            plugin.set_available(False, f"failed to start: {type(e).__name__}: {e}")
+            gen = None
+        yield
+        if gen is not None:
+            try:
+                await gen.__anext__()
+            except StopAsyncIteration:
+                pass
+            except Exception:
+                log.exception("plugin %s failed to stop cleanly", plugin.name)
+    return ctx
+
+
+def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
+              settings: dict[str, dict[str, Any]], failures: list[dict[str, Any]]) -> web.Application:
+    metrics = Metrics()
+    core = CorePlugin(ctx, {})
+    plugins: dict[str, Plugin] = {"core": core}
+    for name, cls in classes.items():
+        try:
+            plugins[name] = cls(ctx, settings.get(name, {}))
+        except Exception as e:
+            log.exception("plugin %s cannot be created", name)
+            failures.append({"name": name, "available": False,
+                             "reason": f"cannot be created: {type(e).__name__}: {e}"})
+    core.plugins, core.failures, core.metrics = plugins, failures, metrics
+    app = web.Application(client_max_size=ctx.config.server.max_body_bytes,
+                          handler_args={"max_field_size": 16384})
+    app[server.CTX_KEY] = ctx
+    app[server.PLUGINS_KEY] = plugins
+    routes = server.build_routes(app, ctx, plugins)
+    app.middlewares.extend([server.access_middleware(metrics), server.error_middleware(),
+                            server.auth_middleware(token, server.public_paths(routes))])
+    core.openapi = openapi.build(routes, ctx.version)
+    for plugin in plugins.values():
+        app.cleanup_ctx.append(_plugin_ctx(plugin))
+    return app
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    s = config.server
+    if not s.tls_cert:
+        if s.tls_key or s.tls_client_ca:
+            raise ConfigError("server.tls_key and server.tls_client_ca need server.tls_cert")
+        return None
+    if not s.tls_key:
+        raise ConfigError("server.tls_cert needs server.tls_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca:
+            context.load_verify_locations(cafile=s.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"server TLS files cannot be used: {e}") from None
+    return context
+
+
+async def serve(config: Config) -> None:
+    classes, failures = discover()
+    settings = check_sections(config, classes)
+    ssl_context = tls_context(config)
+    token = ensure_token(config.token_file)
+    ctx = AgentContext(config)
+    await ctx.open()
+    app = build_app(ctx, token, classes, settings, failures)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context,
+                       reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await ctx.close()
+        raise ConfigError(f"cannot listen on {config.server.host}:{config.server.port}: {e.strerror}") from None
+    scheme = "https" if ssl_context else "http"
+    log.info("node-agent %s listening on %s://%s:%d (state %s, token file %s)", ctx.version, scheme,
+             config.server.host, config.server.port, ctx.state_dir, config.token_file)
+    print(f"node-agent {ctx.version} ready on {scheme}://{config.server.host}:{config.server.port}; "
+          f"token file: {config.token_file}", file=sys.stderr, flush=True)
+    sdnotify.notify("READY=1\nSTATUS=serving")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop()) if sdnotify.watchdog_interval() else None
+    await stop.wait()
+    sdnotify.notify("STOPPING=1")
+    log.info("stopping")
+    if watchdog:
+        watchdog.cancel()
+    await runner.cleanup()
+    await ctx.close()

@@ -1,0 +1,126 @@
+"""The agent's configuration: a TOML file, then command-line flags on top.
+
+Core sections are validated strictly here; each plugin validates its own
+section with its own model (see ``agent.plugin.Plugin.config_model``).  A bad
+value is refused at start with the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(7070, ge=1, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    max_body_bytes: int = Field(16 << 20, ge=1024)
+    max_wait_seconds: float = Field(60.0, gt=0, le=600)
+
+
+class AuthConfig(_Section):
+    token_file: Path | None = None   # default: <state dir>/token
+
+
+class StateConfig(_Section):
+    dir: Path | None = None          # default: /var/lib/node-agent as root
+    result_ttl_seconds: int = Field(2 * 24 * 3600, ge=60)
+
+
+class LogConfig(_Section):
+    format: str = "text"
+    level: str = "INFO"
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
+        return v
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    state: StateConfig = StateConfig()
+    log: LogConfig = LogConfig()
+    # Plugin sections ([host], [libvirt], ...) are kept raw and validated by
+    # the plugin that owns them.
+    plugins: dict[str, dict[str, Any]] = {}
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.dir or default_state_dir()
+
+    @property
+    def token_file(self) -> Path:
+        return self.auth.token_file or self.state_dir / "token"
+
+
+CORE_SECTIONS = ("server", "auth", "state", "log")
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/node-agent")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "node-agent"
+
+
+def _describe(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{prefix}{key}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read the TOML file (if any) and apply flag overrides, section by key."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                raw.setdefault(section, {})[key] = value
+    core = {k: raw[k] for k in CORE_SECTIONS if k in raw}
+    plugins = {k: v for k, v in raw.items() if k not in CORE_SECTIONS}
+    for name, section in plugins.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"config key '{name}' must be a [section] table")
+    try:
+        return Config(**core, plugins=plugins)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration: {_describe(e)}") from None
+
+
+def validate_section(name: str, model: type[BaseModel], raw: dict[str, Any]) -> BaseModel:
+    try:
+        return model(**raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid configuration: {_describe(e, name + '.')}") from None

@@ -1,0 +1,55 @@
+"""What the core shares with every plugin: state, jobs, events, runners."""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+from . import __version__
+from .config import Config
+from .db import Database
+from .events import EventBus
+from .jobs import JobManager
+from .outbox import Outbox
+from .runner import Runner
+
+
+class AgentContext:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = __version__
+        self.state_dir: Path = config.state_dir
+        self.started = time.time()
+        self.db = Database(self.state_dir / "state.db")
+        self.outbox = Outbox(self.db)
+        ttl = config.state.result_ttl_seconds
+        self.events = EventBus(self.db, self.outbox, delivery_ttl=ttl)
+        self.jobs = JobManager(self.db, self.outbox, ttl=ttl)
+        self.runners: dict[str, Runner] = {}
+        self.node_uuid = ""
+
+    def runner(self, name: str, *, max_threads: int = 4, max_processes: int = 8) -> Runner:
+        """The bounded pool of one plugin; one plugin's stuck calls never starve another's."""
+        if name not in self.runners:
+            self.runners[name] = Runner(name, max_threads=max_threads, max_processes=max_processes)
+        return self.runners[name]
+
+    async def open(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.db.open()
+        self.node_uuid = await self.db.kv_get("node.uuid") or ""
+        if not self.node_uuid:
+            self.node_uuid = uuidlib.uuid4().hex
+            await self.db.kv_set("node.uuid", self.node_uuid)
+        await self.events.load()
+        await self.jobs.recover()
+        await self.jobs.load_counts()
+        await self.outbox.start()
+
+    async def close(self) -> None:
+        await self.jobs.shutdown()
+        await self.outbox.stop()
+        for r in self.runners.values():
+            r.close()
+        await self.db.close()

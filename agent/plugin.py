@@ -1,0 +1,160 @@
+"""How a plugin declares what it answers.
+
+A plugin is a class; each URL it serves is one decorated method, with the
+pydantic models of its parameters and result (which also make the OpenAPI
+document).  In the style of ironic-python-agent's extensions::
+
+    class PollPlugin(Plugin):
+        name = "poll"
+
+        @get("/v1/poll", result=PollStatus)
+        async def status(self):
+            ...
+
+        @action("/v1/poll/actions", "startPoll", params=StartPoll, result=PollStarted)
+        async def start_poll(self, job, params):
+            job.progress(50, "half way")
+            ...
+
+Reads (GET) answer at once.  Everything else becomes a durable job: the
+method gets a ``JobContext`` and the validated parameters, and whatever it
+returns is the job's result.  ``@method.check`` adds a check that runs in the
+request, before the job exists, for refusals that must be a 4xx.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from .context import AgentContext
+
+
+@dataclass
+class Route:
+    method: str                       # GET, POST, PUT, DELETE
+    path: str                         # aiohttp pattern, e.g. /v1/vm-instances/{uuid}
+    func: Callable[..., Any]
+    kind: str                         # read | query | stream | raw | action | create | delete
+    action: str | None = None         # the body key of a PUT .../actions call
+    params: type[BaseModel] | None = None
+    result: type[BaseModel] | None = None
+    query_model: type[BaseModel] | None = None   # the inventory of a query route
+    query_params: type[BaseModel] | None = None  # extra query-string parameters
+    summary: str | None = None
+    needs_available: bool = True      # answer 503 while the plugin is unavailable
+    auth: bool = True
+    check: Callable[..., Any] | None = None
+    plugin: str = ""
+
+    @property
+    def is_job(self) -> bool:
+        return self.kind in ("action", "create", "delete")
+
+
+def _declare(route: Route) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(func: Callable[..., Any]) -> Callable[..., Any]:
+        route.func = func
+        route.summary = route.summary or (inspect.getdoc(func) or "").split("\n")[0] or None
+        func.__route__ = route  # type: ignore[attr-defined]
+
+        def check(fn: Callable[..., Any]) -> Callable[..., Any]:
+            route.check = fn
+            return fn
+        func.check = check      # type: ignore[attr-defined]
+        return func
+    return deco
+
+
+def get(path: str, *, result: type[BaseModel] | None = None,
+        params: type[BaseModel] | None = None, summary: str | None = None,
+        needs_available: bool = True, auth: bool = True) -> Callable:
+    """A synchronous read; ``params`` validates the query string."""
+    return _declare(Route("GET", path, None, "read", result=result, query_params=params,
+                          summary=summary, needs_available=needs_available, auth=auth))
+
+
+def query(path: str, *, model: type[BaseModel], params: type[BaseModel] | None = None,
+          summary: str | None = None, needs_available: bool = True) -> Callable:
+    """A collection read: the method returns inventories, the query API filters them."""
+    return _declare(Route("GET", path, None, "query", query_model=model, query_params=params,
+                          summary=summary, needs_available=needs_available))
+
+
+def action(path: str, name: str, *, params: type[BaseModel], result: type[BaseModel] | None = None,
+           summary: str | None = None, needs_available: bool = True) -> Callable:
+    """``PUT path {name: params}``, run as a job."""
+    return _declare(Route("PUT", path, None, "action", action=name, params=params, result=result,
+                          summary=summary, needs_available=needs_available))
+
+
+def create(path: str, *, params: type[BaseModel], result: type[BaseModel] | None = None,
+           summary: str | None = None, needs_available: bool = True) -> Callable:
+    """``POST path {"params": {...}}``, run as a job."""
+    return _declare(Route("POST", path, None, "create", params=params, result=result,
+                          summary=summary, needs_available=needs_available))
+
+
+def delete(path: str, *, result: type[BaseModel] | None = None, params: type[BaseModel] | None = None,
+           summary: str | None = None, needs_available: bool = True) -> Callable:
+    """``DELETE path``, run as a job; ``params`` validates the query string."""
+    return _declare(Route("DELETE", path, None, "delete", query_params=params, result=result,
+                          summary=summary, needs_available=needs_available))
+
+
+def raw(method: str, path: str, *, summary: str | None = None, auth: bool = True,
+        needs_available: bool = True, kind: str = "raw") -> Callable:
+    """A handler that takes the aiohttp request itself (streams, websockets, files)."""
+    return _declare(Route(method, path, None, kind, summary=summary, auth=auth,
+                          needs_available=needs_available))
+
+
+class Plugin:
+    """One capability of the agent.  Subclass, set ``name``, declare routes."""
+
+    name: ClassVar[str] = ""
+    #: the config sections this plugin owns, each with its model ([host], [libvirt], ...)
+    config_sections: ClassVar[dict[str, type[BaseModel]]] = {}
+    #: the runner's pool sizes
+    max_threads: ClassVar[int] = 4
+    max_processes: ClassVar[int] = 8
+
+    def __init__(self, agent: "AgentContext", settings: dict[str, Any]) -> None:
+        self.agent = agent
+        self.settings = settings      # section name -> validated model
+        self.runner = agent.runner(self.name, max_threads=self.max_threads,
+                                   max_processes=self.max_processes)
+        self.available = True
+        self.unavailable_reason: str | None = None
+
+    def set_available(self, ok: bool, reason: str | None = None) -> None:
+        self.available, self.unavailable_reason = ok, (None if ok else reason)
+
+    async def lifecycle(self):
+        """An async generator used as an aiohttp cleanup_ctx: open, yield, close."""
+        yield
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "available": self.available, "reason": self.unavailable_reason}
+
+    @classmethod
+    def routes(cls) -> list[Route]:
+        found = []
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                route = getattr(attr, "__route__", None)
+                if route is not None:
+                    found.append(route)
+        return found
+
+
+@dataclass
+class PluginLoadFailure:
+    """A plugin that could not even be imported or constructed."""
+    name: str
+    reason: str
+    routes: list[Route] = field(default_factory=list)

@@ -1,0 +1,302 @@
+"""The HTTP server: wire contract, auth, logging, and dispatch to plugins.
+
+Each plugin route becomes one aiohttp route.  Reads are answered in the
+request; every other verb is validated here (JSON, action name, parameters,
+X-Job-UUID, X-Web-Hook, the route's own check) and only then becomes a job,
+so a bad request gets its 4xx and nothing is run or stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from yarl import URL
+
+from . import errors
+from .context import AgentContext
+from .jobs import JobMeta
+from .models import dump
+from .plugin import Plugin, Route
+from .query import QuerySpec, run_query
+
+log = logging.getLogger("node_agent.server")
+access_log = logging.getLogger("node_agent.access")
+
+JOB_UUID_RE = re.compile(r"^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$", re.I)
+IGNORED_BODY_KEYS = ("systemTags", "userTags")
+ROUTE_KEY = web.AppKey("routes", dict)
+CTX_KEY = web.AppKey("ctx", AgentContext)
+PLUGINS_KEY = web.AppKey("plugins", dict)
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def describe_validation(err: ValidationError, where: str) -> errors.BadRequest:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(body)"
+        problems.append(f"'{loc}': {e['msg'].lower()}" if e["type"] != "extra_forbidden"
+                        else f"'{loc}': unknown field")
+    return errors.BadRequest(f"invalid {where}: " + "; ".join(problems), code="SYS.1002",
+                             details=json.dumps([{"loc": list(e["loc"]), "msg": e["msg"]}
+                                                 for e in err.errors()]))
+
+
+def validate(model: type[BaseModel] | None, data: Any, where: str) -> BaseModel | None:
+    if model is None:
+        if data not in (None, {}):
+            raise errors.BadRequest(f"{where} takes no parameters", code="SYS.1002")
+        return None
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as e:
+        raise describe_validation(e, where) from None
+
+
+def query_string_params(route: Route, request: web.Request, extra: set[str] = set()) -> BaseModel | None:
+    if route.query_params is None:
+        return None
+    fields = {f.alias or n for n, f in route.query_params.model_fields.items()}
+    data = {k: v for k, v in request.query.items() if k in fields}
+    return validate(route.query_params, data, "query parameters")
+
+
+async def read_json(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise errors.PayloadTooLarge(
+            f"the request body is larger than the limit of {request.app[CTX_KEY].config.server.max_body_bytes} bytes") from None
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.BadRequest(f"the request body is not valid JSON: {e}", code="SYS.1003") from None
+
+
+def job_headers(request: web.Request) -> tuple[str | None, str | None]:
+    job_uuid = request.headers.get("X-Job-UUID")
+    if job_uuid is not None and not JOB_UUID_RE.match(job_uuid):
+        raise errors.BadRequest(
+            "X-Job-UUID must be a v4 (random) UUID written as 32 hex digits without dashes",
+            code="JOB.1400")
+    if job_uuid is not None:
+        job_uuid = job_uuid.lower()
+    hook = request.headers.get("X-Web-Hook")
+    if hook is not None:
+        try:
+            url = URL(hook)
+        except ValueError:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise errors.BadRequest("X-Web-Hook must be an absolute http:// or https:// URL",
+                                    code="JOB.1401")
+    return job_uuid, hook
+
+
+def fingerprint(request: web.Request, body: Any) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    text = f"{request.method} {request.path}?{request.query_string}\n{canonical}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Dispatcher:
+    """Turns declared routes into aiohttp handlers."""
+
+    def __init__(self, ctx: AgentContext, plugins: dict[str, Plugin]) -> None:
+        self.ctx = ctx
+        self.plugins = plugins
+
+    def ensure_available(self, plugin: Plugin, route: Route) -> None:
+        if route.needs_available and not plugin.available:
+            raise errors.Unavailable(
+                f"the {plugin.name} plugin is not available: {plugin.unavailable_reason}",
+                code="SYS.1504")
+
+    def read_handler(self, plugin: Plugin, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        spec = QuerySpec.from_model(route.query_model) if route.query_model else None
+        extra = ({f.alias or n for n, f in route.query_params.model_fields.items()}
+                 if route.query_params else set())
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self.ensure_available(plugin, route)
+            if route.kind in ("raw", "stream"):
+                return await route.func(plugin, request)
+            kwargs: dict[str, Any] = dict(request.match_info)
+            params = query_string_params(route, request)
+            if params is not None:
+                kwargs["params"] = params
+            result = await route.func(plugin, **kwargs)
+            if spec is not None:
+                return json_response(run_query(dump(result), request.query, spec, extra_params=extra))
+            return json_response(dump(result))
+        return handler
+
+    def job_handler(self, plugin: Plugin, routes: list[Route]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        by_action = {r.action: r for r in routes}
+        first = routes[0]
+
+        async def handler(request: web.Request) -> web.Response:
+            job_uuid, hook = job_headers(request)
+            body = None if first.kind == "delete" else await read_json(request)
+            route, data = self.pick(first, by_action, body)
+            self.ensure_available(plugin, route)
+            path_args = dict(request.match_info)
+            where = f"parameters of {route.action}" if route.action else "params"
+            if route.kind == "delete":
+                params = query_string_params(route, request)
+            else:
+                params = validate(route.params, data, where)
+
+            async def check() -> None:
+                if route.check is not None:
+                    await route.check(plugin, params, **path_args)
+
+            async def work(job) -> Any:
+                return dump(await route.func(plugin, job, params, **path_args))
+
+            uuid, _ = await self.ctx.jobs.submit(
+                job_uuid=job_uuid, fingerprint=fingerprint(request, body), webhook=hook,
+                meta=JobMeta(plugin.name, request.method, request.path, route.action, request.remote),
+                runner=plugin.runner, work=work, check=check)
+            request["job_uuid"] = uuid
+            location = f"{request.url.origin()}/v1/api-jobs/{uuid}"
+            return json_response({"location": location}, status=202, headers={"Location": location})
+        return handler
+
+    @staticmethod
+    def pick(first: Route, by_action: dict[str | None, Route], body: Any) -> tuple[Route, Any]:
+        """Find the action (or creation params) in the body."""
+        if first.kind == "delete":
+            return first, None
+        if not isinstance(body, dict):
+            raise errors.BadRequest("the request body must be a JSON object", code="SYS.1003")
+        keys = [k for k in body if k not in IGNORED_BODY_KEYS]
+        if first.kind == "create":
+            extra = [k for k in keys if k != "params"]
+            if extra:
+                raise errors.BadRequest(f"unknown key(s) {extra} in the body: creation "
+                                        "parameters go under \"params\"", code="SYS.1002")
+            if "params" in body and not isinstance(body["params"], dict):
+                raise errors.BadRequest("\"params\" must be a JSON object", code="SYS.1002")
+            return first, body.get("params")
+        known = sorted(a for a in by_action if a)
+        if len(keys) != 1:
+            raise errors.BadRequest(
+                f"the body must name exactly one action, got {len(keys)}; actions here: {', '.join(known)}",
+                code="SYS.1006")
+        name = keys[0]
+        if name not in by_action:
+            raise errors.BadRequest(f"unknown action '{name}'; actions here: {', '.join(known)}",
+                                    code="SYS.1006")
+        data = body[name]
+        if data is not None and not isinstance(data, dict):
+            raise errors.BadRequest(f"the parameters of {name} must be a JSON object", code="SYS.1002")
+        return by_action[name], data
+
+
+def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plugin]) -> list[Route]:
+    dispatcher = Dispatcher(ctx, plugins)
+    all_routes: list[Route] = []
+    jobs: dict[tuple[str, str], list[Route]] = defaultdict(list)
+    owner: dict[tuple[str, str], Plugin] = {}
+    # Literal paths first, so /v1/vm-instances/stats wins over /v1/vm-instances/{uuid}.
+    ordered = sorted(((p, r) for p in plugins.values() for r in p.routes()),
+                     key=lambda pr: ("{" in pr[1].path, pr[1].path))
+    for plugin, route in ordered:
+        route.plugin = plugin.name
+        all_routes.append(route)
+        if route.is_job:
+            jobs[(route.method, route.path)].append(route)
+            owner[(route.method, route.path)] = plugin
+        else:
+            app.router.add_route(route.method, route.path, dispatcher.read_handler(plugin, route))
+    for (method, path), routes in jobs.items():
+        app.router.add_route(method, path, dispatcher.job_handler(owner[(method, path)], routes))
+    return all_routes
+
+
+def public_paths(routes: list[Route]) -> set[str]:
+    return {r.path for r in routes if not r.auth}
+
+
+def auth_middleware(token: str, public: set[str]):
+    expected = token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        route = request.match_info.route
+        canonical = route.resource.canonical if route.resource is not None else None
+        if canonical in public:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme not in ("OAuth", "Bearer") or not hmac.compare_digest(given.strip().encode(), expected):
+            raise errors.Unauthorized(
+                "missing or wrong token: send 'Authorization: OAuth <token>' with the token "
+                "from the agent's token file")
+        return await handler(request)
+    return middleware
+
+
+def error_middleware():
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except errors.ApiError as e:
+            return json_response(e.body(), status=e.status)
+        except web.HTTPRequestEntityTooLarge:
+            return json_response(errors.PayloadTooLarge("the request body is too large").body(), 413)
+        except web.HTTPMethodNotAllowed as e:
+            allowed = ", ".join(sorted(e.allowed_methods))
+            err = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
+            return json_response(err.body(), 405, headers={"Allow": allowed})
+        except web.HTTPNotFound:
+            return json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
+        except web.HTTPException:
+            raise
+        except Exception as e:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return json_response(errors.InternalError(
+                f"internal error ({type(e).__name__}); this is a bug in the agent").body(), 500)
+    return middleware
+
+
+def access_middleware(metrics):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            ms = (time.perf_counter() - t0) * 1000
+            route = request.match_info.route
+            name = route.resource.canonical if route.resource is not None else "unmatched"
+            metrics.observe_request(request.method, name, status, ms / 1000)
+            job = request.get("job_uuid")
+            access_log.info("%s %s %d %.1fms%s", request.method, request.path, status, ms,
+                            f" job={job}" if job else "",
+                            extra={"http": {"method": request.method, "path": request.path,
+                                            "status": status, "ms": round(ms, 2), "job": job,
+                                            "remote": request.remote}})
+    return middleware

@@ -1,0 +1,181 @@
+"""The host plugin: facts, ping, the controller's registration, shell, OS update.
+
+The code of each URL is the method under its decorator; facts are parsed in
+``facts.py`` and the package update in ``osupdate.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from pydantic import Field, HttpUrl
+
+from agent import errors
+from agent.models import Empty, WireModel
+from agent.plugin import Plugin, action, get
+
+from . import facts, osupdate
+
+audit = logging.getLogger("node_agent.audit")
+
+FACTS_TIMEOUT = 20.0
+KV_CONNECTION = "host.connection"
+
+
+class HostSettings(WireModel):
+    """The [host] config section."""
+    allow_run_shell: bool = False
+    run_shell_max_output: int = Field(1 << 20, ge=1024, le=64 << 20)
+    run_shell_max_timeout: int = Field(3600, ge=1, le=86400)
+
+
+class Ping(WireModel):
+    host_uuid: str
+    version: str
+    uptime: float = Field(description="seconds since the agent started")
+
+
+class HypervisorTypes(WireModel):
+    hypervisor_types: list[str]
+
+
+class ConnectHost(WireModel):
+    host_uuid: str = Field(pattern=r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F-]{36}$",
+                           description="the controller's uuid of this host")
+    management_server_url: HttpUrl = Field(description="where events are POSTed")
+
+
+class HostConnection(WireModel):
+    host_uuid: str
+    management_server_url: str
+    connected_date: str
+    version: str
+
+
+class HostConnectionReply(WireModel):
+    inventory: HostConnection
+
+
+class RunShell(WireModel):
+    script: str = Field(min_length=1, max_length=1 << 20)
+    timeout: int = Field(60, ge=1, description="seconds; the script's process tree is killed after it")
+
+
+class RunShellResult(WireModel):
+    return_code: int
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+
+class HostPlugin(Plugin):
+    name = "host"
+    config_sections = {"host": HostSettings}
+    max_processes = 16
+
+    @property
+    def conf(self) -> HostSettings:
+        return self.settings["host"]
+
+    @get("/v1/host", result=facts.HostFacts)
+    async def host_facts(self) -> facts.HostFacts:
+        """This node's facts: CPU, memory, NUMA, hugepages, OS, KVM and versions."""
+        return await self.runner.call(facts.collect, "/", timeout=FACTS_TIMEOUT)
+
+    @get("/v1/host/ping", result=Ping)
+    async def ping(self) -> Ping:
+        """Cheap liveness with identity: answered on the loop, touches nothing."""
+        target = self.agent.events.target
+        return Ping(host_uuid=target["hostUuid"] if target else self.agent.node_uuid,
+                    version=self.agent.version, uptime=round(time.time() - self.agent.started, 3))
+
+    @get("/v1/hypervisor-types", result=HypervisorTypes)
+    async def hypervisor_types(self) -> HypervisorTypes:
+        return HypervisorTypes(hypervisor_types=["KVM"])
+
+    @action("/v1/host/actions", "connectHost", params=ConnectHost, result=HostConnectionReply)
+    async def connect_host(self, job, params: ConnectHost) -> HostConnectionReply:
+        """The controller registers itself; events are pushed to it from now on."""
+        conn = HostConnection(host_uuid=params.host_uuid.replace("-", "").lower(),
+                              management_server_url=str(params.management_server_url),
+                              connected_date=facts_now(), version=self.agent.version)
+        await self.agent.db.kv_set(KV_CONNECTION, conn.model_dump(by_alias=True))
+        await self.agent.events.set_target(conn.management_server_url, conn.host_uuid)
+        await self.agent.events.publish("HostConnected", {"version": self.agent.version})
+        return HostConnectionReply(inventory=conn)
+
+    @action("/v1/host/actions", "reconnectHost", params=Empty, result=HostConnectionReply)
+    async def reconnect_host(self, job, params: Empty) -> HostConnectionReply:
+        """Re-establish the registration: events resume to the same controller."""
+        saved = await self.agent.db.kv_get(KV_CONNECTION)
+        conn = HostConnection.model_validate(saved)
+        conn.connected_date, conn.version = facts_now(), self.agent.version
+        await self.agent.db.kv_set(KV_CONNECTION, conn.model_dump(by_alias=True))
+        await self.agent.events.set_target(conn.management_server_url, conn.host_uuid)
+        self.agent.outbox.wake()      # retry what is pending now, not at its backoff
+        await self.agent.events.publish("HostReconnected", {"version": self.agent.version})
+        return HostConnectionReply(inventory=conn)
+
+    @reconnect_host.check
+    async def _reconnect_check(self, params: Empty) -> None:
+        if await self.agent.db.kv_get(KV_CONNECTION) is None:
+            raise errors.Conflict("this host was never connected: call connectHost first",
+                                  code="HOST.1009")
+
+    @action("/v1/host/actions", "kvmRunShell", params=RunShell, result=RunShellResult)
+    async def run_shell(self, job, params: RunShell) -> RunShellResult:
+        """Run a shell script (only when [host] allow_run_shell is true); audited."""
+        digest = hashlib.sha256(params.script.encode()).hexdigest()
+        rc: int | str = "error"
+        try:
+            # The script goes in on stdin, never in argv, where `ps` would show it.
+            result = await job.runner.run(["/bin/bash", "-s"], input=params.script.encode(),
+                                          timeout=params.timeout,
+                                          max_output=self.conf.run_shell_max_output)
+            rc = result.returncode
+        except errors.Timeout:
+            rc = "timeout"
+            raise errors.OperationFailed(
+                f"the script did not finish within {params.timeout} s; its processes were killed",
+                code="HOST.1408") from None
+        except BaseException:
+            rc = "cancelled"
+            raise
+        finally:
+            audit.info("kvmRunShell job=%s caller=%s sha256=%s bytes=%d rc=%s", job.uuid, job.caller,
+                       digest, len(params.script), rc,
+                       extra={"audit": {"action": "kvmRunShell", "job": job.uuid, "caller": job.caller,
+                                        "sha256": digest, "bytes": len(params.script), "rc": rc}})
+        return RunShellResult(return_code=result.returncode,
+                              stdout=result.stdout.decode(errors="replace"),
+                              stderr=result.stderr.decode(errors="replace"),
+                              stdout_truncated=result.stdout_truncated,
+                              stderr_truncated=result.stderr_truncated)
+
+    @run_shell.check
+    async def _run_shell_check(self, params: RunShell) -> None:
+        if not self.conf.allow_run_shell:
+            raise errors.Unavailable("kvmRunShell is disabled on this node: set "
+                                     "allow_run_shell = true in the [host] config section",
+                                     code="HOST.1003")
+        if params.timeout > self.conf.run_shell_max_timeout:
+            raise errors.BadRequest(f"timeout must be at most {self.conf.run_shell_max_timeout} s",
+                                    code="HOST.1002")
+
+    @action("/v1/host/actions", "updateHostOS", params=osupdate.UpdateHostOS,
+            result=osupdate.UpdateHostOSResult)
+    async def update_host_os(self, job, params: osupdate.UpdateHostOS) -> osupdate.UpdateHostOSResult:
+        """Upgrade the node's packages with its package manager, reporting progress."""
+        return await osupdate.update(job, params)
+
+    @update_host_os.check
+    async def _update_check(self, params: osupdate.UpdateHostOS) -> None:
+        osupdate.check(params)
+
+
+def facts_now() -> str:
+    from agent.events import utcnow_iso
+    return utcnow_iso()
