@@ -39,7 +39,7 @@ class AuthConfig(_Section):
 
 class StateConfig(_Section):
     dir: Path | None = None          # default: /var/lib/node-agent as root
-    result_ttl_seconds: int = Field(2 * 24 * 3600, ge=60)
+    result_ttl_seconds: int = Field(2 * 24 * 3600, ge=1)
 
 
 class LogConfig(_Section):
