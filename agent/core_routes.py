@@ -83,7 +83,7 @@ class CorePlugin(Plugin):
     async def _purge_loop(self) -> None:
         while True:
             await self.agent.jobs.purge_expired()
-            await asyncio.sleep(600)
+            await asyncio.sleep(max(1.0, min(600.0, self.agent.jobs.ttl / 4)))
 
     @get("/v1/openapi.json", needs_available=False)
     async def openapi_document(self) -> dict[str, Any]:

@@ -214,7 +214,10 @@ class JobManager:
                 await asyncio.wait_for(asyncio.shield(live.done.wait()), wait)
             except asyncio.TimeoutError:
                 pass
-        return await self.db.fetchone("SELECT * FROM jobs WHERE uuid=?", (uuid,))
+        row = await self.db.fetchone("SELECT * FROM jobs WHERE uuid=?", (uuid,))
+        if row is not None and row["finished"] is not None and row["finished"] < time.time() - self.ttl:
+            return None   # expired: gone for the caller even before the purge runs
+        return row
 
     def live_progress(self, uuid: str) -> dict[str, Any] | None:
         live = self._live.get(uuid)
