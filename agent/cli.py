@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from typing import Any
 
@@ -34,7 +36,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         pass
-    return 0
+    # A thread stuck in a blocking call (a hung mount, a dead BMC) would make
+    # the interpreter wait for it forever at exit: everything is closed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _call(args: argparse.Namespace, config: Config) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from agent.errors import OperationFailed, Timeout, Unavailable
 
 _READ_CHUNK = 64 * 1024
+_REAP_GRACE = 1.0  # after SIGKILL, pipes normally reach EOF at once
 
 
 @dataclass
@@ -110,7 +111,7 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, b
     buf = bytearray()
     truncated = False
     # Keep draining past the cap: a child blocked on a full pipe would never exit.
-    while len(buf) < cap and (chunk := await stream.read(_READ_CHUNK)):
+    while chunk := await stream.read(_READ_CHUNK):
         room = cap - len(buf)
         if len(chunk) > room:
             truncated = True
@@ -127,6 +128,24 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
         pass  # the child exited or closed stdin without reading everything
     finally:
         stdin.close()
+
+
+async def _reap(proc: asyncio.subprocess.Process, tasks: list[asyncio.Task]) -> None:
+    """Wait for a killed process and its pipes.
+
+    asyncio reports the exit only once every pipe reached EOF, so the readers
+    must keep draining; a reader left paused on a full buffer would hang wait().
+    """
+    try:
+        async with asyncio.timeout(_REAP_GRACE):
+            await asyncio.wait(tasks)
+            await proc.wait()
+    except TimeoutError:
+        # Something outside the tree still holds a pipe: stop listening to it.
+        for t in tasks:
+            t.cancel()
+        proc._transport.close()  # no public API closes the pipes of a Process
+        await proc.wait()
 
 
 class Runner:
@@ -211,16 +230,17 @@ class Runner:
         if input is not None:
             tasks.append(asyncio.ensure_future(_feed(proc.stdin, input)))
         try:
-            # A grandchild holding a pipe open keeps this waiting: that is on purpose,
+            # asyncio.wait, unlike gather, leaves the readers running if we are
+            # cancelled: they must keep draining for the kill path below.
+            await asyncio.wait(tasks)
+            (out, out_cut), (err, err_cut) = tasks[0].result(), tasks[1].result()
+            # A grandchild holding a pipe open keeps us waiting above: on purpose,
             # it ends in a timeout that kills the grandchild too.
-            (out, out_cut), (err, err_cut), *_ = await asyncio.gather(*tasks)
             rc = await proc.wait()
         except BaseException:  # timeout (a cancel from asyncio.timeout) or cancellation
             kill_tree(proc.pid)
-            for t in tasks:
-                t.cancel()
-            # Reap now so no zombie is left; shielded so a second cancel cannot skip it.
-            await asyncio.shield(proc.wait())
+            # Shielded so a second cancel cannot leave the pipes and the process behind.
+            await asyncio.shield(_reap(proc, tasks))
             raise
         finally:
             self._live.pop(proc.pid, None)

@@ -12,6 +12,10 @@ import pytest
 from agent.errors import OperationFailed, Timeout
 from agent.runner import ProcessResult, Runner
 
+# A hang is a bug here: fail fast instead of waiting for the global timeout.
+pytestmark = [pytest.mark.timeout(10),
+              pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")]
+
 
 @pytest.fixture
 def runner():
@@ -82,7 +86,7 @@ async def test_output_capped(runner):
     t0 = time.monotonic()
     res = await runner.run(["bash", "-c", "head -c 10000000 /dev/zero; "
                                           "head -c 5000000 /dev/zero >&2"],
-                           timeout=10, max_output=1000)
+                           timeout=5, max_output=1000)
     assert time.monotonic() - t0 < 5
     assert res.returncode == 0
     assert len(res.stdout) == 1000 and res.stdout_truncated
@@ -117,6 +121,30 @@ async def test_timeout_kills_orphan_holding_pipe(runner, tmp_path):
         await runner.run(["bash", "-c", f"sleep 102 & echo $! > {pidfile}"], timeout=0.5)
     pids = await _read_pids(pidfile, 1)
     assert await _all_gone(pids), pids
+
+
+async def test_timeout_while_flooding_output(runner):
+    # The readers are busy (and may be paused on a full buffer) when the kill comes.
+    t0 = time.monotonic()
+    with pytest.raises(Timeout):
+        await runner.run(["cat", "/dev/zero"], timeout=0.3, max_output=100)
+    assert time.monotonic() - t0 < 1.0
+
+
+async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
+    # A double fork + setsid leaves sleep 103 outside the tree, still holding
+    # stdout: the run must still end (after the reap grace), not hang.
+    pidfile = tmp_path / "pid"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Timeout):
+            await runner.run(["bash", "-c", f"(setsid sleep 103 & echo $! > {pidfile}); "
+                                            "sleep 30"], timeout=0.3)
+        assert time.monotonic() - t0 < 2.0
+        assert runner.stats()["processesRunning"] == 0
+    finally:
+        for pid in await _read_pids(pidfile, 1):
+            os.kill(pid, 9)
 
 
 async def test_cancel_kills_tree(runner, tmp_path):
@@ -245,6 +273,3 @@ async def test_close_kills_live_trees(tmp_path):
     assert res.returncode == -9
     assert await _all_gone(pids), pids
 
-
-if sys.platform != "linux":  # pragma: no cover
-    pytestmark = pytest.mark.skip("needs /proc")
