@@ -50,7 +50,7 @@ def check_sections(config: Config, classes: dict[str, type[Plugin]]) -> dict[str
     unknown = sorted(set(config.plugins) - set(owners))
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; known: "
-                          f"server, auth, state, log, {', '.join(sorted(owners))}")
+                          f"server, auth, state, log, libvirt, {', '.join(sorted(owners))}")
     settings: dict[str, dict[str, Any]] = {name: {} for name in classes}
     for section, name in owners.items():
         model = classes[name].config_sections[section]

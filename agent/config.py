@@ -54,8 +54,14 @@ class LogConfig(_Section):
         return v
 
 
+class LibvirtConfig(_Section):
+    uri: str = "qemu:///system"
+    call_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     auth: AuthConfig = AuthConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
@@ -72,7 +78,7 @@ class Config(_Section):
         return self.auth.token_file or self.state_dir / "token"
 
 
-CORE_SECTIONS = ("server", "auth", "state", "log")
+CORE_SECTIONS = ("server", "auth", "state", "log", "libvirt")
 
 
 def default_state_dir() -> Path:

@@ -28,6 +28,17 @@ class AgentContext:
         self.jobs = JobManager(self.db, self.outbox, ttl=ttl)
         self.runners: dict[str, Runner] = {}
         self.node_uuid = ""
+        self._libvirt = None
+
+    def libvirt(self):
+        """The libvirt connection shared by the plugins that need one (see libvirt_conn)."""
+        if self._libvirt is None:
+            from .libvirt_conn import LibvirtConnection
+            lv = self.config.libvirt
+            self._libvirt = LibvirtConnection(
+                lv.uri, self.runner("libvirt", max_threads=8),
+                call_timeout=lv.call_timeout_seconds)
+        return self._libvirt
 
     def runner(self, name: str, *, max_threads: int = 4, max_processes: int = 8) -> Runner:
         """The bounded pool of one plugin; one plugin's stuck calls never starve another's."""

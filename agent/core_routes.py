@@ -18,10 +18,16 @@ from .plugin import Plugin, delete, get, query, raw
 SSE_HEARTBEAT = 15.0
 
 
+class Capability(WireModel):
+    available: bool
+    reason: str | None = None
+
+
 class PluginStatus(WireModel):
     name: str
     available: bool
     reason: str | None = None
+    capabilities: dict[str, Capability] = {}
 
 
 class Health(WireModel):

@@ -47,6 +47,7 @@ class Route:
     query_params: type[BaseModel] | None = None  # extra query-string parameters
     summary: str | None = None
     needs_available: bool = True      # answer 503 while the plugin is unavailable
+    requires: str | None = None       # a capability the route needs (e.g. "libvirt")
     auth: bool = True
     check: Callable[..., Any] | None = None
     plugin: str = ""
@@ -72,45 +73,50 @@ def _declare(route: Route) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def get(path: str, *, result: type[BaseModel] | None = None,
         params: type[BaseModel] | None = None, summary: str | None = None,
-        needs_available: bool = True, auth: bool = True) -> Callable:
+        needs_available: bool = True, auth: bool = True, requires: str | None = None) -> Callable:
     """A synchronous read; ``params`` validates the query string."""
     return _declare(Route("GET", path, None, "read", result=result, query_params=params,
-                          summary=summary, needs_available=needs_available, auth=auth))
+                          summary=summary, needs_available=needs_available, auth=auth,
+                          requires=requires))
 
 
 def query(path: str, *, model: type[BaseModel], params: type[BaseModel] | None = None,
-          summary: str | None = None, needs_available: bool = True) -> Callable:
+          summary: str | None = None, needs_available: bool = True,
+          requires: str | None = None) -> Callable:
     """A collection read: the method returns inventories, the query API filters them."""
     return _declare(Route("GET", path, None, "query", query_model=model, query_params=params,
-                          summary=summary, needs_available=needs_available))
+                          summary=summary, needs_available=needs_available, requires=requires))
 
 
 def action(path: str, name: str, *, params: type[BaseModel], result: type[BaseModel] | None = None,
-           summary: str | None = None, needs_available: bool = True) -> Callable:
+           summary: str | None = None, needs_available: bool = True,
+           requires: str | None = None) -> Callable:
     """``PUT path {name: params}``, run as a job."""
     return _declare(Route("PUT", path, None, "action", action=name, params=params, result=result,
-                          summary=summary, needs_available=needs_available))
+                          summary=summary, needs_available=needs_available, requires=requires))
 
 
 def create(path: str, *, params: type[BaseModel], result: type[BaseModel] | None = None,
-           summary: str | None = None, needs_available: bool = True) -> Callable:
+           summary: str | None = None, needs_available: bool = True,
+           requires: str | None = None) -> Callable:
     """``POST path {"params": {...}}``, run as a job."""
     return _declare(Route("POST", path, None, "create", params=params, result=result,
-                          summary=summary, needs_available=needs_available))
+                          summary=summary, needs_available=needs_available, requires=requires))
 
 
 def delete(path: str, *, result: type[BaseModel] | None = None, params: type[BaseModel] | None = None,
-           summary: str | None = None, needs_available: bool = True) -> Callable:
+           summary: str | None = None, needs_available: bool = True,
+           requires: str | None = None) -> Callable:
     """``DELETE path``, run as a job; ``params`` validates the query string."""
     return _declare(Route("DELETE", path, None, "delete", query_params=params, result=result,
-                          summary=summary, needs_available=needs_available))
+                          summary=summary, needs_available=needs_available, requires=requires))
 
 
 def raw(method: str, path: str, *, summary: str | None = None, auth: bool = True,
-        needs_available: bool = True, kind: str = "raw") -> Callable:
+        needs_available: bool = True, kind: str = "raw", requires: str | None = None) -> Callable:
     """A handler that takes the aiohttp request itself (streams, websockets, files)."""
     return _declare(Route(method, path, None, kind, summary=summary, auth=auth,
-                          needs_available=needs_available))
+                          needs_available=needs_available, requires=requires))
 
 
 class Plugin:
@@ -130,16 +136,24 @@ class Plugin:
                                    max_processes=self.max_processes)
         self.available = True
         self.unavailable_reason: str | None = None
+        # Parts of a plugin that can be down while the rest works (libvirt for
+        # the VM routes while device inventory still answers): name -> reason or None.
+        self.capabilities: dict[str, str | None] = {}
 
     def set_available(self, ok: bool, reason: str | None = None) -> None:
         self.available, self.unavailable_reason = ok, (None if ok else reason)
+
+    def set_capability(self, name: str, ok: bool, reason: str | None = None) -> None:
+        self.capabilities[name] = None if ok else (reason or f"{name} is not available")
 
     async def lifecycle(self):
         """An async generator used as an aiohttp cleanup_ctx: open, yield, close."""
         yield
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.name, "available": self.available, "reason": self.unavailable_reason}
+        return {"name": self.name, "available": self.available, "reason": self.unavailable_reason,
+                "capabilities": {n: {"available": r is None, "reason": r}
+                                 for n, r in self.capabilities.items()}}
 
     @classmethod
     def routes(cls) -> list[Route]:

@@ -125,6 +125,11 @@ class Dispatcher:
             raise errors.Unavailable(
                 f"the {plugin.name} plugin is not available: {plugin.unavailable_reason}",
                 code="SYS.1504")
+        if route.requires:
+            reason = plugin.capabilities.get(route.requires, f"{route.requires} is not ready yet")
+            if reason is not None:
+                raise errors.Unavailable(f"{route.requires} is not available: {reason}",
+                                         code="SYS.1504")
 
     def read_handler(self, plugin: Plugin, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         spec = QuerySpec.from_model(route.query_model) if route.query_model else None

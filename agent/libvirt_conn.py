@@ -1,0 +1,199 @@
+"""One connection to libvirtd, shared by every plugin that drives VMs or devices.
+
+libvirtaio delivers libvirt's events (domain lifecycle, the connection's
+close) on the agent's event loop.  Every libvirt call runs in a runner's
+thread pool with a timeout, so a call stuck on one busy VM stalls only its
+own thread.  When libvirtd goes away the connection is reopened within a
+second or two and the domain-event subscriptions are registered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, TypeVar
+
+from . import errors
+from .runner import Runner
+
+log = logging.getLogger("node_agent.libvirt")
+T = TypeVar("T")
+
+try:
+    import libvirt
+    import libvirtaio
+except ImportError as e:     # the plugins that need it report it as their reason
+    libvirt = None
+    libvirtaio = None
+    IMPORT_ERROR: str | None = f"the libvirt Python binding is missing ({e}); install python3-libvirt"
+else:
+    IMPORT_ERROR = None
+
+_event_impl_registered = False
+
+
+def register_event_impl() -> None:
+    """libvirtaio must be registered once per process, before the first open()."""
+    global _event_impl_registered
+    if not _event_impl_registered and libvirtaio is not None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+        _event_impl_registered = True
+
+
+def _quiet(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+class LibvirtConnection:
+    def __init__(self, uri: str, runner: Runner, *, call_timeout: float = 30.0,
+                 check_interval: float = 1.0) -> None:
+        self.uri = uri
+        self.runner = runner
+        self.call_timeout = call_timeout
+        self.check_interval = check_interval
+        self.conn: Any = None
+        self.reason: str | None = IMPORT_ERROR or "not connected yet"
+        self._subscriptions: list[tuple[int, Callable[..., Any]]] = []
+        self._listeners: list[Callable[[bool, str | None], Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._users = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    # -- lifecycle: shared, so started by the first plugin and closed by the last
+    async def acquire(self) -> None:
+        """Start keeping the connection open (idempotent; pair with release())."""
+        self._users += 1
+        if self._task is None and libvirt is not None:
+            libvirt.registerErrorHandler(_quiet, None)
+            register_event_impl()
+            self._task = asyncio.create_task(self._keep_connected(), name="libvirt-connection")
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users > 0 or self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            try:
+                await self.runner.call(conn.close, timeout=5)
+            except Exception:
+                pass
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """For start-up and tests: wait until connected or timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.conn is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.conn is not None
+
+    def subscribe(self, event_id: int, callback: Callable[..., Any]) -> None:
+        """Register a domain event callback now and on every reconnection.
+
+        The callback is called on the event loop as libvirt calls it:
+        ``callback(conn, dom, *event_args, opaque)``.
+        """
+        self._subscriptions.append((event_id, callback))
+        if self.conn is not None:
+            asyncio.get_running_loop().create_task(self._register(self.conn, event_id, callback))
+
+    def add_listener(self, fn: Callable[[bool, str | None], Any]) -> None:
+        """fn(connected, reason) on every change; called at once with the current state."""
+        self._listeners.append(fn)
+        fn(self.connected, self.reason)
+
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                   runner: Runner | None = None) -> T:
+        """fn(conn, *args) in a runner thread with a timeout.
+
+        Not connected, or the connection lost during the call: Unavailable
+        (503).  Other libvirt errors are raised as they are, for the caller to
+        map to its own codes.
+        """
+        conn = self.conn
+        if conn is None:
+            raise errors.Unavailable(f"libvirt at {self.uri} is not reachable: {self.reason}",
+                                     code="VM.1503")
+        try:
+            return await (runner or self.runner).call(fn, conn, *args,
+                                                      timeout=timeout or self.call_timeout)
+        except Exception as e:
+            if libvirt is not None and isinstance(e, libvirt.libvirtError) and _is_connection_error(e):
+                self._lost(conn, str(e))
+                raise errors.Unavailable(f"lost the connection to libvirt at {self.uri}: "
+                                         f"{e.get_error_message()}", code="VM.1503") from None
+            raise
+
+    # -- internals
+    def _set(self, conn: Any, reason: str | None) -> None:
+        changed = (conn is None) != (self.conn is None) or reason != self.reason
+        self.conn, self.reason = conn, reason
+        if changed:
+            for fn in self._listeners:
+                try:
+                    fn(conn is not None, reason)
+                except Exception:
+                    log.exception("libvirt connection listener failed")
+
+    def _lost(self, conn: Any, reason: str) -> None:
+        if self.conn is conn:
+            log.warning("lost the connection to libvirt at %s: %s", self.uri, reason)
+            self._set(None, reason)
+            self._wake.set()
+
+    async def _keep_connected(self) -> None:
+        while True:
+            if self.conn is None:
+                await self._connect()
+            else:
+                try:
+                    alive = await self.runner.call(self.conn.isAlive, timeout=5)
+                except Exception:
+                    alive = False
+                if not alive:
+                    self._lost(self.conn, "the connection is not alive")
+                    continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.check_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.runner.call(libvirt.open, self.uri, timeout=10)
+        except Exception as e:
+            msg = e.get_error_message() if hasattr(e, "get_error_message") else str(e)
+            self._set(None, f"cannot connect: {msg}")
+            return
+        try:
+            conn.registerCloseCallback(
+                lambda _c, reason, _o: self._lost(conn, f"closed by libvirt (reason {reason})"), None)
+            # Keepalive lets libvirt notice a dead daemon on a silent socket.
+            await self.runner.call(conn.setKeepAlive, 5, 3, timeout=5)
+        except Exception as e:
+            log.debug("close callback/keepalive not set: %s", e)
+        for event_id, callback in self._subscriptions:
+            await self._register(conn, event_id, callback)
+        log.info("connected to libvirt at %s", self.uri)
+        self._set(conn, None)
+
+    async def _register(self, conn: Any, event_id: int, callback: Callable[..., Any]) -> None:
+        try:
+            await self.runner.call(conn.domainEventRegisterAny, None, event_id, callback, None,
+                                   timeout=10)
+        except Exception as e:
+            log.error("cannot subscribe to libvirt event %d: %s", event_id, e)
+
+
+def _is_connection_error(e: Any) -> bool:
+    return e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
+                                  libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN,
+                                  libvirt.VIR_ERR_INTERNAL_ERROR) and \
+        e.get_error_domain() in (libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC)
