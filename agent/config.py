@@ -53,6 +53,13 @@ class LogConfig(_Section):
             raise ValueError("must be 'text' or 'json'")
         return v
 
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v.upper()
+
 
 class LibvirtConfig(_Section):
     uri: str = "qemu:///system"

@@ -54,13 +54,18 @@ def describe_validation(err: ValidationError, where: str) -> errors.BadRequest:
                                                  for e in err.errors()]))
 
 
-def validate(model: type[BaseModel] | None, data: Any, where: str) -> BaseModel | None:
+def validate(model: type[BaseModel] | None, data: Any, where: str, *, from_json: bool = True) -> BaseModel | None:
+    """JSON bodies are validated strictly (no "60" for 60, no true for 1);
+    query strings, which are text by nature, with pydantic's usual coercion."""
     if model is None:
         if data not in (None, {}):
             raise errors.BadRequest(f"{where} takes no parameters", code="SYS.1002")
         return None
+    data = data if data is not None else {}
     try:
-        return model.model_validate(data if data is not None else {})
+        if from_json:
+            return model.model_validate_json(json.dumps(data), strict=True)
+        return model.model_validate(data)
     except ValidationError as e:
         raise describe_validation(e, where) from None
 
@@ -70,7 +75,7 @@ def query_string_params(route: Route, request: web.Request, extra: set[str] = se
         return None
     fields = {f.alias or n for n, f in route.query_params.model_fields.items()}
     data = {k: v for k, v in request.query.items() if k in fields}
-    return validate(route.query_params, data, "query parameters")
+    return validate(route.query_params, data, "query parameters", from_json=False)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -85,6 +90,8 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.BadRequest(f"the request body is not valid JSON: {e}", code="SYS.1003") from None
+    except RecursionError:
+        raise errors.BadRequest("the request body is JSON nested too deeply", code="SYS.1003") from None
 
 
 def job_headers(request: web.Request) -> tuple[str | None, str | None]:

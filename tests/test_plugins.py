@@ -125,6 +125,13 @@ class DemoPlugin(Plugin):
             await asyncio.sleep(0.5)
         return SlowCountResult(counted=steps)
 
+    @action("/v1/demo/actions", "quickFinish", params=Empty)
+    async def quick_finish(self, job, params):
+        """Report two progress steps in quick succession, then end."""
+        job.progress(10, "starting")
+        job.progress(100, "done")
+        return {"finished": True}
+
     @create("/v1/demo/widgets", params=WidgetSpec, result=WidgetReply)
     async def create_widget(self, job, params):
         """Create a widget."""
@@ -329,6 +336,23 @@ async def test_action_polling_shows_progress_then_result(demo_agent, http):
         ("Succeeded", "demo", "slowCount", True)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "agent bug: JobContext.progress() writes through to the jobs row at most once a second "
+    "and JobManager._run() never flushes the last report when the job ends, so a finished "
+    "job's inventory keeps a stale progress (10 % 'starting' here, although the job reported "
+    "100 % 'done' before returning)"))
+async def test_finished_job_inventory_keeps_the_last_progress(demo_agent, http):
+    status, reply = await submit(http, demo_agent, "PUT", "/v1/demo/actions", {"quickFinish": {}})
+    status, result = await wait_job(http, demo_agent, reply["location"])
+    assert status == 200 and result == {"finished": True}
+    job = reply["location"].rsplit("/", 1)[1]
+    status, body = await get_json(http, demo_agent, "/v1/api-jobs", {"q": f"uuid={job}"})
+    [inv] = body["inventories"]
+    assert inv["state"] == "Succeeded"
+    assert inv["progress"] is None or (inv["progress"]["percent"], inv["progress"]["message"]) == \
+        (100, "done"), inv["progress"]
+
+
 async def test_action_defaults_come_from_the_config_and_params_are_validated(demo_agent, http):
     status, result = await run_job(http, demo_agent, "PUT", "/v1/demo/actions", {"slowCount": {}})
     assert status == 200 and result == {"counted": 2}   # [demo] steps = 2
@@ -527,8 +551,11 @@ async def test_openapi_includes_the_demo_routes_and_models(demo_agent, http):
     assert {"q", "limit", "sort", "fields"} <= {p["name"] for p in items["parameters"]}
 
     put = paths["/v1/demo/actions"]["put"]
-    [one] = put["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
-    assert one["properties"] == {"slowCount": {"$ref": "#/components/schemas/SlowCount"}}
+    actions = {next(iter(o["properties"])): o
+               for o in put["requestBody"]["content"]["application/json"]["schema"]["oneOf"]}
+    assert set(actions) == {"slowCount", "quickFinish"}
+    assert actions["slowCount"]["properties"] == {"slowCount": {"$ref": "#/components/schemas/SlowCount"}}
+    assert actions["slowCount"]["required"] == ["slowCount"]
     assert "202" in put["responses"]
 
     post = paths["/v1/demo/widgets"]["post"]

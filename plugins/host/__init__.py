@@ -42,7 +42,7 @@ class HypervisorTypes(WireModel):
 
 
 class ConnectHost(WireModel):
-    host_uuid: str = Field(pattern=r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F-]{36}$",
+    host_uuid: str = Field(pattern=r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
                            description="the controller's uuid of this host")
     management_server_url: HttpUrl = Field(description="where events are POSTed")
 
