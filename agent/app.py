@@ -19,7 +19,6 @@ from . import openapi, sdnotify, server
 from .config import Config, ConfigError, validate_section
 from .context import AgentContext
 from .core_routes import CorePlugin
-from .metrics import Metrics
 from .plugin import Plugin
 
 log = logging.getLogger("node_agent")
@@ -99,7 +98,7 @@ def _plugin_ctx(plugin: Plugin):
 
 def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
               settings: dict[str, dict[str, Any]], failures: list[dict[str, Any]]) -> web.Application:
-    metrics = Metrics()
+    metrics = ctx.metrics
     core = CorePlugin(ctx, {})
     plugins: dict[str, Plugin] = {"core": core}
     for name, cls in classes.items():

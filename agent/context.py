@@ -11,6 +11,7 @@ from .config import Config
 from .db import Database
 from .events import EventBus
 from .jobs import JobManager
+from .metrics import Metrics
 from .outbox import Outbox
 from .runner import Runner
 
@@ -27,6 +28,8 @@ class AgentContext:
         self.events = EventBus(self.db, self.outbox, delivery_ttl=ttl)
         self.jobs = JobManager(self.db, self.outbox, ttl=ttl)
         self.runners: dict[str, Runner] = {}
+        # Plugins add their own collectors to metrics.registry (served at /metrics).
+        self.metrics = Metrics()
         self.node_uuid = ""
         self._libvirt = None
 
