@@ -119,6 +119,12 @@ def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
     core.openapi = openapi.build(routes, ctx.version)
     for plugin in plugins.values():
         app.cleanup_ctx.append(_plugin_ctx(plugin))
+
+    async def end_streams(_app: web.Application) -> None:
+        # on_shutdown runs before aiohttp waits for open handlers: end the
+        # event streams now so a stop does not wait out their heartbeat.
+        ctx.events.close_streams()
+    app.on_shutdown.append(end_streams)
     return app
 
 

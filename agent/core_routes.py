@@ -75,7 +75,7 @@ class CorePlugin(Plugin):
     @get("/v1/health", result=Health, auth=False, needs_available=False)
     async def health(self) -> Health:
         """Liveness and each plugin's availability (no token needed)."""
-        plugins = [PluginStatus(**p.status()) for n, p in self.plugins.items() if n != "core"]
+        plugins = [PluginStatus(**p.plugin_status()) for n, p in self.plugins.items() if n != "core"]
         plugins += [PluginStatus(**f) for f in self.failures]
         return Health(status="ok", version=self.agent.version,
                       uptime=round(time.time() - self.agent.started, 3), plugins=plugins)
@@ -104,7 +104,7 @@ class CorePlugin(Plugin):
     @query("/v1/api-jobs", model=JobInventory)
     async def list_jobs(self) -> list[dict[str, Any]]:
         """All jobs still kept (results expire after the configured time)."""
-        rows = await self.agent.db.fetchall("SELECT * FROM jobs ORDER BY created")
+        rows = await self.agent.jobs.list_rows()
         return [self.agent.jobs.inventory(r) for r in rows]
 
     @raw("GET", "/v1/api-jobs/{uuid}", summary="Poll a job: 202 running, 200 done, 503 failed, 404 unknown")
@@ -169,10 +169,13 @@ class CorePlugin(Plugin):
             await resp.write(b": connected\n\n")
             while True:
                 try:
-                    ev = await asyncio.wait_for(queue.get(), SSE_HEARTBEAT)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(SSE_HEARTBEAT):
+                        ev = await queue.get()
+                except TimeoutError:
                     await resp.write(b": keepalive\n\n")
                     continue
+                if ev is None:          # the agent is stopping
+                    break
                 if ev["seq"] > last:
                     await resp.write(_sse(ev))
                     last = ev["seq"]

@@ -52,6 +52,7 @@ CORE_SCHEMA = [
         type TEXT NOT NULL,
         time TEXT NOT NULL,
         created REAL NOT NULL,
+        host_uuid TEXT,
         data TEXT NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 ]
@@ -84,8 +85,10 @@ class Database:
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._pool, fn, *args),
-                                      self.timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancel
+        # that lands as the call completes, and a cancelled task would go on.
+        async with asyncio.timeout(self.timeout):
+            return await loop.run_in_executor(self._pool, fn, *args)
 
     async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(conn) in the database thread inside one transaction."""

@@ -48,8 +48,9 @@ class EventBus:
                  "time": utcnow_iso(), "data": data}
 
         def _store(conn) -> int:
-            seq = conn.execute("INSERT INTO events(type, time, created, data) VALUES(?,?,?,?)",
-                               (type_, event["time"], now, json.dumps(data))).lastrowid
+            seq = conn.execute("INSERT INTO events(type, time, created, host_uuid, data) "
+                               "VALUES(?,?,?,?,?)",
+                               (type_, event["time"], now, event["hostUuid"], json.dumps(data))).lastrowid
             conn.execute("DELETE FROM events WHERE created < ?", (now - LOCAL_LOG_SECONDS,))
             if target:
                 insert(conn, "event", target["url"],
@@ -77,6 +78,12 @@ class EventBus:
     async def since(self, seq: int) -> list[dict[str, Any]]:
         rows = await self.db.fetchall("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT 1000",
                                       (seq,))
-        hu = self.target["hostUuid"] if self.target else None
-        return [{"seq": r["seq"], "type": r["type"], "hostUuid": hu, "time": r["time"],
+        return [{"seq": r["seq"], "type": r["type"], "hostUuid": r["host_uuid"], "time": r["time"],
                  "data": json.loads(r["data"])} for r in rows]
+
+    def close_streams(self) -> None:
+        """Tell every /v1/events stream to end: the agent is stopping."""
+        for q in list(self._subscribers):
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)

@@ -113,9 +113,11 @@ class JobManager:
         return n
 
     def _finish_row(self, conn: sqlite3.Connection, uuid: str, webhook: str | None,
-                    success: bool, body: Any, now: float) -> None:
-        conn.execute("UPDATE jobs SET state=?, result=?, finished=?, updated=? WHERE uuid=?",
-                     (SUCCEEDED if success else FAILED, json.dumps(body), now, now, uuid))
+                    success: bool, body: Any, now: float, progress: dict | None = None) -> None:
+        conn.execute("UPDATE jobs SET state=?, result=?, finished=?, updated=?, "
+                     "progress=COALESCE(?, progress) WHERE uuid=?",
+                     (SUCCEEDED if success else FAILED, json.dumps(body), now, now,
+                      json.dumps(progress) if progress else None, uuid))
         if webhook:
             outbox.insert(conn, "webhook", webhook,
                           {"Content-Type": "application/json", "X-Job-UUID": uuid,
@@ -188,7 +190,8 @@ class JobManager:
         now = time.time()
         try:
             await asyncio.shield(self.db.transaction(
-                lambda conn: self._finish_row(conn, ctx.uuid, webhook, success, body, now)))
+                lambda conn: self._finish_row(conn, ctx.uuid, webhook, success, body, now,
+                                              live.progress)))
         except Exception:
             log.exception("could not record the end of job %s", ctx.uuid)
         self.counts[RUNNING] -= 1
@@ -211,13 +214,20 @@ class JobManager:
         live = self._live.get(uuid)
         if live is not None and wait > 0:
             try:
-                await asyncio.wait_for(asyncio.shield(live.done.wait()), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):
+                    await live.done.wait()
+            except TimeoutError:
                 pass
         row = await self.db.fetchone("SELECT * FROM jobs WHERE uuid=?", (uuid,))
         if row is not None and row["finished"] is not None and row["finished"] < time.time() - self.ttl:
             return None   # expired: gone for the caller even before the purge runs
         return row
+
+    async def list_rows(self) -> list[sqlite3.Row]:
+        """Running jobs and the ended ones whose results have not expired."""
+        return await self.db.fetchall(
+            "SELECT * FROM jobs WHERE state=? OR finished >= ? ORDER BY created",
+            (RUNNING, time.time() - self.ttl))
 
     def live_progress(self, uuid: str) -> dict[str, Any] | None:
         live = self._live.get(uuid)

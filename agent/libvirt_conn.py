@@ -161,8 +161,9 @@ class LibvirtConnection:
                     continue
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.check_interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.check_interval):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def _connect(self) -> None:

@@ -45,6 +45,7 @@ class Outbox:
         self.request_timeout = request_timeout
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._session: aiohttp.ClientSession | None = None
         self.backlog = {"webhook": 0, "event": 0}
         self.delivered = {"webhook": 0, "event": 0}
@@ -58,6 +59,7 @@ class Outbox:
         self._task = asyncio.create_task(self._loop(), name="outbox")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -65,7 +67,7 @@ class Outbox:
             await self._session.close()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 delay = await self._deliver_due()
             except asyncio.CancelledError:
@@ -74,10 +76,21 @@ class Outbox:
                 log.exception("outbox pass failed")
                 delay = 5.0
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancel that lands as the wait completes, and stop() would hang.
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
+
+    async def retry_now(self, url: str | None = None) -> None:
+        """Make pending deliveries (to url, or all) due now: the peer is back."""
+        if url is None:
+            await self.db.execute("UPDATE outbox SET next_attempt=?", (time.time(),))
+        else:
+            await self.db.execute("UPDATE outbox SET next_attempt=? WHERE url=?", (time.time(), url))
+        self.wake()
 
     async def _deliver_due(self) -> float:
         now = time.time()

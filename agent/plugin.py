@@ -150,10 +150,17 @@ class Plugin:
         """An async generator used as an aiohttp cleanup_ctx: open, yield, close."""
         yield
 
-    def status(self) -> dict[str, Any]:
+    def plugin_status(self) -> dict[str, Any]:
         return {"name": self.name, "available": self.available, "reason": self.unavailable_reason,
                 "capabilities": {n: {"available": r is None, "reason": r}
                                  for n, r in self.capabilities.items()}}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A route method must not shadow the base class's own machinery.
+        for name, attr in vars(cls).items():
+            if getattr(attr, "__route__", None) is not None and hasattr(Plugin, name):
+                raise TypeError(f"route method {cls.__name__}.{name} shadows Plugin.{name}; rename it")
 
     @classmethod
     def routes(cls) -> list[Route]:

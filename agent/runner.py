@@ -175,7 +175,9 @@ class Runner:
         fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
         try:
             # Cancelling a still-queued future also cancels it in the pool.
-            return await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for may swallow a cancel.
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             raise Timeout(f"runner {self.name}: {_fn_name(fn)} did not finish within "
                           f"{timeout:g} s") from None

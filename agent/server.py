@@ -157,14 +157,16 @@ class Dispatcher:
             return json_response(dump(result))
         return handler
 
-    def job_handler(self, plugin: Plugin, routes: list[Route]) -> Callable[[web.Request], Awaitable[web.Response]]:
-        by_action = {r.action: r for r in routes}
-        first = routes[0]
+    def job_handler(self, routes: list[tuple[Plugin, Route]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """One handler per (verb, path); the actions on it may come from several plugins."""
+        by_action = {r.action: (p, r) for p, r in routes}
+        first = routes[0][1]
 
         async def handler(request: web.Request) -> web.Response:
             job_uuid, hook = job_headers(request)
             body = None if first.kind == "delete" else await read_json(request)
-            route, data = self.pick(first, by_action, body)
+            action, data = self.pick(first, sorted(a for a in by_action if a), body)
+            plugin, route = by_action[action]
             self.ensure_available(plugin, route)
             path_args = dict(request.match_info)
             where = f"parameters of {route.action}" if route.action else "params"
@@ -190,10 +192,10 @@ class Dispatcher:
         return handler
 
     @staticmethod
-    def pick(first: Route, by_action: dict[str | None, Route], body: Any) -> tuple[Route, Any]:
+    def pick(first: Route, known: list[str], body: Any) -> tuple[str | None, Any]:
         """Find the action (or creation params) in the body."""
         if first.kind == "delete":
-            return first, None
+            return None, None
         if not isinstance(body, dict):
             raise errors.BadRequest("the request body must be a JSON object", code="SYS.1003")
         keys = [k for k in body if k not in IGNORED_BODY_KEYS]
@@ -202,29 +204,28 @@ class Dispatcher:
             if extra:
                 raise errors.BadRequest(f"unknown key(s) {extra} in the body: creation "
                                         "parameters go under \"params\"", code="SYS.1002")
-            if "params" in body and not isinstance(body["params"], dict):
-                raise errors.BadRequest("\"params\" must be a JSON object", code="SYS.1002")
-            return first, body.get("params")
-        known = sorted(a for a in by_action if a)
+            if not isinstance(body.get("params"), dict):
+                raise errors.BadRequest("the creation parameters must be a JSON object under "
+                                        "\"params\"", code="SYS.1002")
+            return None, body["params"]
         if len(keys) != 1:
             raise errors.BadRequest(
                 f"the body must name exactly one action, got {len(keys)}; actions here: {', '.join(known)}",
                 code="SYS.1006")
         name = keys[0]
-        if name not in by_action:
+        if name not in known:
             raise errors.BadRequest(f"unknown action '{name}'; actions here: {', '.join(known)}",
                                     code="SYS.1006")
         data = body[name]
         if data is not None and not isinstance(data, dict):
             raise errors.BadRequest(f"the parameters of {name} must be a JSON object", code="SYS.1002")
-        return by_action[name], data
+        return name, data
 
 
 def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plugin]) -> list[Route]:
     dispatcher = Dispatcher(ctx, plugins)
     all_routes: list[Route] = []
-    jobs: dict[tuple[str, str], list[Route]] = defaultdict(list)
-    owner: dict[tuple[str, str], Plugin] = {}
+    jobs: dict[tuple[str, str], list[tuple[Plugin, Route]]] = defaultdict(list)
     # Literal paths first, so /v1/vm-instances/stats wins over /v1/vm-instances/{uuid}.
     ordered = sorted(((p, r) for p in plugins.values() for r in p.routes()),
                      key=lambda pr: ("{" in pr[1].path, pr[1].path))
@@ -232,12 +233,11 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
         route.plugin = plugin.name
         all_routes.append(route)
         if route.is_job:
-            jobs[(route.method, route.path)].append(route)
-            owner[(route.method, route.path)] = plugin
+            jobs[(route.method, route.path)].append((plugin, route))
         else:
             app.router.add_route(route.method, route.path, dispatcher.read_handler(plugin, route))
     for (method, path), routes in jobs.items():
-        app.router.add_route(method, path, dispatcher.job_handler(owner[(method, path)], routes))
+        app.router.add_route(method, path, dispatcher.job_handler(routes))
     return all_routes
 
 

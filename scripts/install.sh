@@ -114,9 +114,10 @@ else
             ((updated == 0)) || exit 1
             say "retrying after apt-get update"
             apt_update
+            updated=1
             apt_install "${MISSING[@]}"
         fi
-        step_done "apt: installed ${#MISSING[@]} package(s): ${MISSING[*]}"
+        step_done "apt: installed ${#MISSING[@]} package(s)$( ((updated)) && echo ' after apt-get update'): ${MISSING[*]}"
     fi
 fi
 

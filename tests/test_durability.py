@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -403,7 +404,7 @@ async def test_results_expire_after_ttl(agent_factory, http):
     agent = agent_factory({**SHELL, "state": {"result_ttl_seconds": 2}}).start()
     # a job running longer than the TTL does not expire while it runs
     status, reply = await submit(http, agent, "PUT", ACTIONS,
-                                 {"kvmRunShell": {"script": "sleep 3.5; echo long"}})
+                                 {"kvmRunShell": {"script": "sleep 4; echo long"}})
     assert status == 202
     long_job = reply["location"].rsplit("/", 1)[1]
 
@@ -423,10 +424,11 @@ async def test_results_expire_after_ttl(agent_factory, http):
     body = await wait_until(gone, 6, "the result expiring")
     assert body["error"]["code"] == "JOB.1004"
     assert time.monotonic() - t_done >= 1.0        # kept for the TTL, not dropped at once
+    # the long job, older than the TTL by now, is still running, not expired
+    assert (await poll(http, agent, long_job))[0] == 202
     await wait_until(lambda: _not_listed(http, agent, job), 5, "the job leaving /v1/api-jobs")
 
-    # the long job ran past the TTL and still has its result when it ends
-    assert (await poll(http, agent, long_job))[0] == 202
+    # and it still has its result when it ends
     status, body = await wait_job(http, agent, job_url(agent, long_job))
     assert status == 200 and body["stdout"] == "long\n"
 
@@ -468,14 +470,8 @@ async def test_sigterm_mid_job_is_failed_not_success(agent, http, tmp_path):
         kill_group(pgid)
 
 
-# --- bugs, documented by strict xfails ----------------------------------------------------
+# --- regressions of bugs found while writing these tests ----------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: SIGTERM while a job with X-Web-Hook runs never finishes: JobManager.shutdown ends the "
-    "job, whose end calls Outbox.wake(), and Outbox.stop() then cancels the outbox task while it "
-    "sits in asyncio.wait_for(self._wake.wait(), delay); on Python 3.11 wait_for swallows a "
-    "cancellation that arrives as its inner future completes (CPython gh-86296), so the loop "
-    "goes on and Outbox.stop() awaits it forever; the agent needs SIGKILL"))
 async def test_sigterm_with_webhook_job_running_exits_promptly(agent, http, receiver, tmp_path):
     marker, pgid_file = tmp_path / "runs", tmp_path / "pgid"
     pgid = None
@@ -502,10 +498,6 @@ async def test_sigterm_with_webhook_job_running_exits_promptly(agent, http, rece
         kill_group(pgid)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: reconnectHost calls outbox.wake() 'to retry what is pending now, not at its backoff', "
-    "but Outbox._deliver_events skips every event whose next_attempt is still in the future, so "
-    "a controller that comes back waits out the whole backoff (up to 300 s) for its events"))
 async def test_reconnect_host_retries_pending_events_at_once(agent, http, receiver):
     port = receiver.port
     await receiver.stop()
@@ -520,3 +512,29 @@ async def test_reconnect_host_retries_pending_events_at_once(agent, http, receiv
     await reconnect(http, agent)
     await receiver.wait_for(lambda r: r["headers"].get("X-Event-Type") == "HostConnected", timeout=2.0)
     assert time.monotonic() - t0 < 2.0
+
+
+async def test_expired_job_is_not_listed_before_the_purge(agent_factory, http):
+    agent = agent_factory({**SHELL, "state": {"result_ttl_seconds": 3600}}).start()
+    status, reply = await submit(http, agent, "PUT", ACTIONS, {"kvmRunShell": {"script": "true"}})
+    job = reply["location"].rsplit("/", 1)[1]
+    assert (await wait_job(http, agent, reply["location"]))[0] == 200
+    # age the finished job past the TTL (the purge loop next runs in 600 s)
+    with sqlite3.connect(agent.state_dir / "state.db") as db:
+        db.execute("UPDATE jobs SET finished = finished - 7200 WHERE uuid = ?", (job,))
+    assert (await poll(http, agent, job))[0] == 404
+    assert job not in await job_uuids_listed(http, agent)
+
+
+async def test_event_replay_is_the_same_event(agent, http, receiver):
+    first = await connect(http, agent, receiver.url("/events"))
+    second = await connect(http, agent, receiver.url("/events"))
+    assert first != second
+    await receiver.wait_for(lambda r: len(events_of(receiver)) >= 2)
+    pushed = [e["body"] for e in events_of(receiver)]
+    assert [e["hostUuid"] for e in pushed] == [first, second]
+    async with sse_stream(http, agent, "0") as r:
+        replayed, _ = await SSE(r).until(lambda b: "connected" in b["comments"], 5)
+    await reconnect(http, agent)            # lets the closed stream's handler end now
+    replayed = [json.loads(b["data"]) for b in replayed if "event" in b][:2]
+    assert [{k: e[k] for k in ("type", "hostUuid", "time", "data")} for e in replayed] == pushed

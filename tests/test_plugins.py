@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -336,11 +335,6 @@ async def test_action_polling_shows_progress_then_result(demo_agent, http):
         ("Succeeded", "demo", "slowCount", True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: JobContext.progress() writes through to the jobs row at most once a second "
-    "and JobManager._run() never flushes the last report when the job ends, so a finished "
-    "job's inventory keeps a stale progress (10 % 'starting' here, although the job reported "
-    "100 % 'done' before returning)"))
 async def test_finished_job_inventory_keeps_the_last_progress(demo_agent, http):
     status, reply = await submit(http, demo_agent, "PUT", "/v1/demo/actions", {"quickFinish": {}})
     status, result = await wait_job(http, demo_agent, reply["location"])
@@ -409,11 +403,6 @@ async def test_create_body_without_params_or_with_unknown_keys_is_400(demo_agent
     assert body["widgetCount"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: Dispatcher.pick() treats a missing \"params\" key as params={} "
-    "(body.get('params')), so a create whose params model has only defaults accepts "
-    "POST {} with 202, although API.md says creation bodies carry \"params\" and the "
-    "agent's own OpenAPI marks params as required"))
 async def test_create_without_params_is_400_even_when_every_field_has_a_default(demo_agent, http):
     status, reply = await submit(http, demo_agent, "POST", "/v1/demo/batches", {})
     assert status == 400, (status, reply)
@@ -494,10 +483,6 @@ class Demo(Plugin):
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: a route method named `status` (as in README's 'Writing a plugin' example) "
-    "overrides Plugin.status(), which CorePlugin.health calls as PluginStatus(**p.status()): "
-    "it gets a coroutine, so GET /v1/health answers 500 for the whole agent"))
 async def test_readme_example_plugin_keeps_health_working(agent_factory, tmp_path, http):
     env = install(tmp_path / "readme", "readme_plugin", {"readme_plugin": README_PLUGIN},
                   "[node_agent.plugins]\nreadme = readme_plugin:Demo\n")

@@ -84,17 +84,44 @@ def test_unit_keeps_mounts_visible_to_the_host():
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
 
 
-def test_example_config_is_valid_toml_with_the_defaults():
-    conf = tomllib.loads(EXAMPLE.read_text())
-    assert conf["server"]["host"] == "127.0.0.1"
-    assert conf["server"]["port"] == 7070
-    assert isinstance(conf["server"]["max_body_bytes"], int)
-    assert conf["auth"]["token_file"]
-    assert conf["state"] == {"dir": "/var/lib/node-agent", "result_ttl_seconds": 172800}
-    assert conf["host"]["allow_run_shell"] is False
-    # The TLS keys are documented (commented out: plain HTTP on loopback).
-    for key in ("tls_cert", "tls_key", "tls_client_ca"):
-        assert re.search(rf"^#\s*{key}\s*=", EXAMPLE.read_text(), re.M), key
+def _uncommented(text: str) -> str:
+    """The example with its commented-out settings and sections enabled."""
+    return re.sub(r"^#(\[\w+\]|\w+ = )", r"\1", text, flags=re.M)
+
+
+def test_example_config_shows_the_defaults(tmp_path):
+    from agent.config import Config, load_config
+    from plugins.host import HostSettings
+
+    conf = load_config(EXAMPLE)         # unknown or invalid keys raise
+    raw = tomllib.loads(EXAMPLE.read_text())
+    assert raw["server"]["host"] == "127.0.0.1" and raw["server"]["port"] == 7070
+    assert raw["state"] == {"dir": "/var/lib/node-agent", "result_ttl_seconds": 172800}
+    # "Every value shown is the default": each one equals the built-in default.
+    defaults = Config()
+    for section in ("server", "log", "libvirt"):
+        want = getattr(defaults, section).model_dump()
+        for key, value in raw.get(section, {}).items():
+            assert value == want[key], f"[{section}] {key}"
+    assert conf.state.result_ttl_seconds == defaults.state.result_ttl_seconds
+    host = HostSettings(**conf.plugins["host"])
+    assert host.allow_run_shell is False
+    assert set(raw["host"]) <= set(HostSettings.model_fields)
+
+
+def test_example_config_commented_settings_are_valid(tmp_path):
+    from agent.config import load_config
+
+    # Enable every commented-out setting and section: still a valid config.
+    text = re.sub(r"^#(\[\w+\]|\w+ = )", r"\1", EXAMPLE.read_text(), flags=re.M)
+    for key in ("tls_cert", "tls_key", "tls_client_ca", "max_wait_seconds",
+                "token_file", "format", "level", "uri", "call_timeout_seconds"):
+        assert re.search(rf"^{key} = ", text, re.M), key
+    path = tmp_path / "node-agent.toml"
+    path.write_text(text)
+    conf = load_config(path)
+    assert conf.token_file == Path("/var/lib/node-agent/token")
+    assert conf.libvirt.uri == "qemu:///system"
 
 
 # --- sdnotify ----------------------------------------------------------------

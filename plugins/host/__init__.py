@@ -115,7 +115,8 @@ class HostPlugin(Plugin):
         conn.connected_date, conn.version = facts_now(), self.agent.version
         await self.agent.db.kv_set(KV_CONNECTION, conn.model_dump(by_alias=True))
         await self.agent.events.set_target(conn.management_server_url, conn.host_uuid)
-        self.agent.outbox.wake()      # retry what is pending now, not at its backoff
+        # The controller is back: what is pending goes out now, not at its backoff.
+        await self.agent.outbox.retry_now(conn.management_server_url)
         await self.agent.events.publish("HostReconnected", {"version": self.agent.version})
         return HostConnectionReply(inventory=conn)
 
