@@ -267,7 +267,21 @@ def machine() -> dict[str, str]:
         pass
     import aiohttp
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
-            "python": platform.python_version(), "aiohttp": aiohttp.__version__}
+            "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+            "commit": commit()}
+
+
+def commit() -> str:
+    """The agent's code as measured: HEAD, and whether agent/ or plugins/ differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "agent", "plugins"], cwd=REPO, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + (" with uncommitted changes in agent/ or plugins/" if dirty else "")
 
 
 def mean(xs: list[float]) -> float:
@@ -289,7 +303,7 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
         f"### Run of {now}",
         "",
         f"Machine: nproc {info['nproc']}, {info['cpu']}, kernel {info['kernel']}, "
-        f"Python {info['python']}, aiohttp {info['aiohttp']}.  ",
+        f"Python {info['python']}, aiohttp {info['aiohttp']}; agent at commit {info['commit']}.  ",
         f"Client: {client}; {args.connections} keep-alive connections"
         + (f", {args.threads} threads" if client.startswith("wrk") else "")
         + f"; {args.warmup:g} s warm-up (discarded) + {args.duration:g} s measured per run; "
@@ -353,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "wrk" and not wrk:
         print("wrk is not installed and cannot be installed here", file=sys.stderr)
         return 2
-    client = f"{wrk_version(wrk)} (--latency)" if wrk else "aiohttp client in a separate process (wrk unavailable)"
+    if wrk:
+        client = f"{wrk_version(wrk)} (--latency)"
+    else:
+        why = "chosen with --client aiohttp" if args.client == "aiohttp" else "wrk unavailable"
+        client = f"aiohttp client in a separate process ({why})"
 
     tmp = Path(tempfile.mkdtemp(prefix="ping-load-"))
     servers: dict[str, Server] = {}
