@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import openapi, sdnotify, server
+from . import logs, openapi, sdnotify, server
 from .config import Config, ConfigError, validate_section
 from .context import AgentContext
 from .core_routes import CorePlugin
@@ -114,8 +114,7 @@ def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
     app[server.CTX_KEY] = ctx
     app[server.PLUGINS_KEY] = plugins
     routes = server.build_routes(app, ctx, plugins)
-    app.middlewares.extend([server.access_middleware(metrics), server.error_middleware(),
-                            server.auth_middleware(token, server.public_paths(routes))])
+    app.middlewares.append(server.request_middleware(token, server.public_paths(routes), metrics))
     core.openapi = openapi.build(routes, ctx.version)
     for plugin in plugins.values():
         app.cleanup_ctx.append(_plugin_ctx(plugin))
@@ -176,7 +175,9 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog = asyncio.create_task(sdnotify.watchdog_loop()) if sdnotify.watchdog_interval() else None
+    flusher = asyncio.create_task(logs.flush_loop())
     await stop.wait()
+    flusher.cancel()
     sdnotify.notify("STOPPING=1")
     log.info("stopping")
     if watchdog:

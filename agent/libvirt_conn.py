@@ -53,7 +53,11 @@ class LibvirtConnection:
         self.check_interval = check_interval
         self.conn: Any = None
         self.reason: str | None = IMPORT_ERROR or "not connected yet"
-        self._subscriptions: list[tuple[int, Callable[..., Any]]] = []
+        # event id -> callbacks.  libvirt tracks one callback per event id and
+        # connection (the binding's C dispatcher is the same for every Python
+        # callback: a second registration fails "already tracked"), so each
+        # event id is registered once and fanned out to every subscriber here.
+        self._subscriptions: dict[int, list[Callable[..., Any]]] = {}
         self._listeners: list[Callable[[bool, str | None], Any]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -99,9 +103,10 @@ class LibvirtConnection:
         The callback is called on the event loop as libvirt calls it:
         ``callback(conn, dom, *event_args, opaque)``.
         """
-        self._subscriptions.append((event_id, callback))
-        if self.conn is not None:
-            asyncio.get_running_loop().create_task(self._register(self.conn, event_id, callback))
+        first = event_id not in self._subscriptions
+        self._subscriptions.setdefault(event_id, []).append(callback)
+        if first and self.conn is not None:
+            asyncio.get_running_loop().create_task(self._register(self.conn, event_id))
 
     def add_listener(self, fn: Callable[[bool, str | None], Any]) -> None:
         """fn(connected, reason) on every change; called at once with the current state."""
@@ -180,15 +185,24 @@ class LibvirtConnection:
             await self.runner.call(conn.setKeepAlive, 5, 3, timeout=5)
         except Exception as e:
             log.debug("close callback/keepalive not set: %s", e)
-        for event_id, callback in self._subscriptions:
-            await self._register(conn, event_id, callback)
+        for event_id in self._subscriptions:
+            await self._register(conn, event_id)
         log.info("connected to libvirt at %s", self.uri)
         self._set(conn, None)
 
-    async def _register(self, conn: Any, event_id: int, callback: Callable[..., Any]) -> None:
+    def _dispatcher(self, event_id: int) -> Callable[..., None]:
+        def dispatch(*args: Any) -> None:
+            for callback in list(self._subscriptions.get(event_id, ())):
+                try:
+                    callback(*args)
+                except Exception:
+                    log.exception("libvirt event %d callback %r failed", event_id, callback)
+        return dispatch
+
+    async def _register(self, conn: Any, event_id: int) -> None:
         try:
-            await self.runner.call(conn.domainEventRegisterAny, None, event_id, callback, None,
-                                   timeout=10)
+            await self.runner.call(conn.domainEventRegisterAny, None, event_id,
+                                   self._dispatcher(event_id), None, timeout=10)
         except Exception as e:
             log.error("cannot subscribe to libvirt event %d: %s", event_id, e)
 

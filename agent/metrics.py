@@ -46,10 +46,18 @@ class Metrics:
                               registry=r)
         self.host_mem = Gauge("node_agent_host_memory_bytes", "Host memory", ["kind"], registry=r)
         self.host_load = Gauge("node_agent_host_load1", "Host one-minute load average", registry=r)
+        self._children: dict[tuple[str, str, int], tuple] = {}
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        # labels() hashes and locks on every call: keep the children we made.
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(method, route, str(status)),
+                        self.latency.labels(method, route))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def render(self, ctx: "AgentContext") -> bytes:
         for state, n in ctx.jobs.counts.items():

@@ -49,7 +49,8 @@ def build(routes: list[Route], version: str) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
-        op = paths.setdefault(r.path, {}).get(r.method.lower())
+        path = r.canonical_path
+        op = paths.setdefault(path, {}).get(r.method.lower())
         if op is not None and r.kind == "action":   # more actions on one path: oneOf
             op["requestBody"]["content"]["application/json"]["schema"]["oneOf"].append(
                 _action_schema(r, ref))
@@ -57,7 +58,7 @@ def build(routes: list[Route], version: str) -> dict[str, Any]:
             continue
         op = {"operationId": f"{r.plugin}_{r.func.__name__}", "tags": [r.plugin],
               "summary": r.summary or r.func.__name__, "parameters": [], "responses": {}}
-        for name in re.findall(r"{(\w+)}", r.path):
+        for name in re.findall(r"{(\w+)}", path):
             op["parameters"].append({"name": name, "in": "path", "required": True,
                                      "schema": {"type": "string"}})
         if r.query_params is not None:
@@ -97,7 +98,7 @@ def build(routes: list[Route], version: str) -> dict[str, Any]:
         if r.auth:
             op["responses"]["401"] = _error("Missing or wrong token")
         op["responses"]["503"] = _error("The operation failed or the plugin is unavailable")
-        paths[r.path][r.method.lower()] = op
+        paths[path][r.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "node-agent", "version": version,

@@ -25,6 +25,7 @@ request, before the job exists, for refusals that must be a 4xx.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -32,6 +33,9 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from .context import AgentContext
+
+
+_PATTERN_RE = re.compile(r"{(\w+):(?:[^{}]|{[^{}]*})*}")
 
 
 @dataclass
@@ -51,6 +55,11 @@ class Route:
     auth: bool = True
     check: Callable[..., Any] | None = None
     plugin: str = ""
+
+    @property
+    def canonical_path(self) -> str:
+        """The path without regex constraints: /v1/x/{uuid:[0-9a-f]{32}} -> /v1/x/{uuid}."""
+        return _PATTERN_RE.sub(r"{\1}", self.path)
 
     @property
     def is_job(self) -> bool:

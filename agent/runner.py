@@ -144,8 +144,14 @@ async def _reap(proc: asyncio.subprocess.Process, tasks: list[asyncio.Task]) -> 
         # Something outside the tree still holds a pipe: stop listening to it.
         for t in tasks:
             t.cancel()
-        proc._transport.close()  # no public API closes the pipes of a Process
+        _close_pipes(proc)
         await proc.wait()
+
+
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    transport = getattr(proc, "_transport", None)   # no public API closes a Process's pipes
+    if transport is not None and not transport.is_closing():
+        transport.close()
 
 
 class Runner:
@@ -260,6 +266,11 @@ class Runner:
         for proc in list(self._live.values()):
             if proc.returncode is None:
                 kill_tree(proc.pid)
+                # Its run() waits for the pipes: bound that wait as the kill path does.
+                try:
+                    asyncio.get_running_loop().call_later(_REAP_GRACE, _close_pipes, proc)
+                except RuntimeError:
+                    pass
 
 
 def _fn_name(fn: Callable[..., Any]) -> str:

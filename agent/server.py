@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from yarl import URL
 
-from . import errors
+from . import errors, logs
 from .context import AgentContext
 from .jobs import JobMeta
 from .models import dump
@@ -29,7 +29,6 @@ from .plugin import Plugin, Route
 from .query import QuerySpec, run_query
 
 log = logging.getLogger("node_agent.server")
-access_log = logging.getLogger("node_agent.access")
 
 JOB_UUID_RE = re.compile(r"^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$", re.I)
 IGNORED_BODY_KEYS = ("systemTags", "userTags")
@@ -242,73 +241,52 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
 
 
 def public_paths(routes: list[Route]) -> set[str]:
-    return {r.path for r in routes if not r.auth}
+    return {r.canonical_path for r in routes if not r.auth}
 
 
-def auth_middleware(token: str, public: set[str]):
+def request_middleware(token: str, public: set[str], metrics):
+    """Auth, error bodies, metrics and the access log in one layer: every
+    middleware costs a coroutine per request, and ping must stay cheap."""
     expected = token.encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler):
-        route = request.match_info.route
-        canonical = route.resource.canonical if route.resource is not None else None
-        if canonical in public:
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme not in ("OAuth", "Bearer") or not hmac.compare_digest(given.strip().encode(), expected):
-            raise errors.Unauthorized(
-                "missing or wrong token: send 'Authorization: OAuth <token>' with the token "
-                "from the agent's token file")
-        return await handler(request)
-    return middleware
-
-
-def error_middleware():
-    @web.middleware
-    async def middleware(request: web.Request, handler):
+        t0 = time.perf_counter()
+        resource = request.match_info.route.resource
+        name = resource.canonical if resource is not None else "unmatched"
         try:
-            return await handler(request)
+            if name not in public:
+                scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+                if scheme not in ("OAuth", "Bearer") or \
+                        not hmac.compare_digest(given.strip().encode(), expected):
+                    raise errors.Unauthorized(
+                        "missing or wrong token: send 'Authorization: OAuth <token>' with the "
+                        "token from the agent's token file")
+            resp = await handler(request)
         except errors.ApiError as e:
-            return json_response(e.body(), status=e.status)
+            resp = json_response(e.body(), status=e.status)
         except web.HTTPRequestEntityTooLarge:
-            return json_response(errors.PayloadTooLarge("the request body is too large").body(), 413)
+            resp = json_response(errors.PayloadTooLarge("the request body is too large").body(), 413)
         except web.HTTPMethodNotAllowed as e:
             allowed = ", ".join(sorted(e.allowed_methods))
             err = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
-            return json_response(err.body(), 405, headers={"Allow": allowed})
+            resp = json_response(err.body(), 405, headers={"Allow": allowed})
         except web.HTTPNotFound:
-            return json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
-        except web.HTTPException:
+            resp = json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
+        except web.HTTPException as e:
+            _account(request, name, e.status, t0, metrics)
             raise
         except Exception as e:
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return json_response(errors.InternalError(
+            resp = json_response(errors.InternalError(
                 f"internal error ({type(e).__name__}); this is a bug in the agent").body(), 500)
+        _account(request, name, resp.status, t0, metrics)
+        return resp
     return middleware
 
 
-def access_middleware(metrics):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        except web.HTTPException as e:
-            status = e.status
-            raise
-        finally:
-            ms = (time.perf_counter() - t0) * 1000
-            route = request.match_info.route
-            name = route.resource.canonical if route.resource is not None else "unmatched"
-            metrics.observe_request(request.method, name, status, ms / 1000)
-            job = request.get("job_uuid")
-            access_log.info("%s %s %d %.1fms%s", request.method, request.path, status, ms,
-                            f" job={job}" if job else "",
-                            extra={"http": {"method": request.method, "path": request.path,
-                                            "status": status, "ms": round(ms, 2), "job": job,
-                                            "remote": request.remote}})
-    return middleware
+def _account(request: web.Request, route: str, status: int, t0: float, metrics) -> None:
+    seconds = time.perf_counter() - t0
+    metrics.observe_request(request.method, route, status, seconds)
+    logs.access(request.method, request.path, status, seconds * 1000, request.get("job_uuid"),
+                request.remote)

@@ -193,6 +193,7 @@ async def _traffic(http, a: AgentProcess) -> str:
     assert status == 200 and result["returnCode"] == 0
     async with http.get(a.url + "/v1/no/such/url", headers=a.headers) as r:
         assert r.status == 404
+    await asyncio.sleep(0.5)   # the log is buffered and flushed every 0.2 s
     return reply["location"].rsplit("/", 1)[1]
 
 
