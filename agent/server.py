@@ -46,7 +46,7 @@ def describe_validation(err: ValidationError, where: str) -> errors.BadRequest:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(body)"
-        problems.append(f"'{loc}': {e['msg'].lower()}" if e["type"] != "extra_forbidden"
+        problems.append(f"'{loc}': {e['msg'][:1].lower() + e['msg'][1:]}" if e["type"] != "extra_forbidden"
                         else f"'{loc}': unknown field")
     return errors.BadRequest(f"invalid {where}: " + "; ".join(problems), code="SYS.1002",
                              details=json.dumps([{"loc": list(e["loc"]), "msg": e["msg"]}
