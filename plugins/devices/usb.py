@@ -1,0 +1,152 @@
+"""USB devices read from sysfs: pure functions over a root directory.
+
+``sys/bus/usb/devices`` lists root hubs (``usb1``), devices (``1-1.2``: bus
+1, ports 1.2) and interfaces (``1-1.2:1.0``); only devices are kept.  A
+device's id is its sysfs name, which stays the same while it sits in the
+same port (the device number changes on every re-plug).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from .pci import ADDRESS_RE, read_at
+
+USB_DEVICES = "sys/bus/usb/devices"
+ID_RE = re.compile(r"^(usb[0-9]+|[0-9]+-[0-9]+(\.[0-9]+)*)$")
+BUSDEV_RE = re.compile(r"^([0-9]{3})-([0-9]{3})$")
+HUB_CLASS = "09"
+
+
+@dataclass(slots=True)
+class UsbDevice:
+    id: str                     # 1-1.2, or usb1 for a root hub
+    bus_num: int
+    dev_num: int
+    id_vendor: str              # 4 hex digits
+    id_product: str
+    manufacturer: str | None
+    product: str | None
+    serial: str | None
+    usb_version: str | None     # "2.0", "3.1"
+    speed: str | None           # Mbit/s as the kernel writes it: 1.5, 12, 480, 5000
+    device_class: str | None    # bDeviceClass, 2 hex digits; 09 is a hub
+    port_path: str | None       # 1.2; None for a root hub
+    parent: str | None          # the hub it hangs off
+    controller: str | None      # the PCI address of the host controller
+    driver: str | None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.device_class == HUB_CLASS or self.port_path is None
+
+
+def _version(raw: str | None) -> str | None:
+    if not raw:
+        return None
+    v = raw.strip()
+    major, _, minor = v.partition(".")
+    minor = minor.rstrip("0")
+    return f"{major}.{minor or '0'}"
+
+
+def _int(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def read_device(root: str, name: str) -> UsbDevice | None:
+    """One device; bus, device number, ids, class and driver come from ``uevent``."""
+    base = os.path.join(root, USB_DEVICES, name)
+    try:
+        dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _read_at(base, name, dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_at(base: str, name: str, dfd: int) -> UsbDevice | None:
+    ev: dict[str, str] = {}
+    for line in (read_at("uevent", dfd) or "").splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            ev[k] = v
+    if ev.get("DEVTYPE", "usb_device") != "usb_device":
+        return None
+    bus, dev = _int(ev.get("BUSNUM")), _int(ev.get("DEVNUM"))
+    ids = ev.get("PRODUCT", "").split("/")
+    try:
+        vendor, product_id = f"{int(ids[0], 16):04x}", f"{int(ids[1], 16):04x}"
+    except (ValueError, IndexError):
+        vendor = product_id = None
+    types = ev.get("TYPE", "").split("/")
+    try:
+        device_class: str | None = f"{int(types[0]):02x}"
+    except ValueError:
+        device_class = None
+    driver = ev.get("DRIVER") or None
+    if bus is None or dev is None or vendor is None:      # no uevent: the attribute files
+        bus, dev = _int(read_at("busnum", dfd)), _int(read_at("devnum", dfd))
+        vendor, product_id = read_at("idVendor", dfd), read_at("idProduct", dfd)
+        device_class = read_at("bDeviceClass", dfd)
+        if bus is None or dev is None or not vendor or not product_id:
+            return None
+        vendor, product_id = vendor.lower(), product_id.lower()
+    port_path = None if name.startswith("usb") else name.partition("-")[2]
+    if port_path is None:
+        parent = None
+    elif "." in port_path:
+        parent = name.rsplit(".", 1)[0]
+    else:
+        parent = f"usb{bus}"
+    try:
+        chain = os.readlink(base).split("/")
+    except OSError:
+        chain = []
+    controller = next((c for c in reversed(chain) if ADDRESS_RE.match(c)), None)
+    return UsbDevice(
+        id=name, bus_num=bus, dev_num=dev, id_vendor=vendor, id_product=product_id,
+        manufacturer=read_at("manufacturer", dfd), product=read_at("product", dfd),
+        serial=read_at("serial", dfd), usb_version=_version(read_at("version", dfd)),
+        speed=read_at("speed", dfd), device_class=device_class,
+        port_path=port_path, parent=parent, controller=controller, driver=driver)
+
+
+def scan(root: str) -> dict[str, UsbDevice]:
+    """Every USB device (not interface) under root, by id."""
+    try:
+        names = os.listdir(os.path.join(root, USB_DEVICES))
+    except OSError:
+        return {}
+    found = {}
+    for name in sorted(names, key=_order):
+        if ":" in name:
+            continue
+        dev = read_device(root, name)
+        if dev is not None:
+            found[name] = dev
+    return found
+
+
+def _order(name: str) -> tuple:
+    """usb1, usb2, 1-1, 1-1.2, 1-2, 2-1 ... (numeric, not lexical)."""
+    if name.startswith("usb"):
+        return (0, _int(name[3:]) or 0)
+    bus, _, ports = name.partition("-")
+    return (1, _int(bus) or 0, tuple(_int(p) or 0 for p in ports.split(":")[0].split(".")))
+
+
+def parse_id(text: str) -> str | tuple[int, int] | None:
+    """A sysfs id ('1-1.2', 'usb1') or a bus-device pair ('001-004' -> (1, 4))."""
+    t = text.strip()
+    m = BUSDEV_RE.match(t)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    return t if ID_RE.match(t) else None
