@@ -121,8 +121,13 @@ def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
 
     async def end_streams(_app: web.Application) -> None:
         # on_shutdown runs before aiohttp waits for open handlers: end the
-        # event streams now so a stop does not wait out their heartbeat.
+        # event streams and plugins' websockets now, so a stop does not wait them out.
         ctx.events.close_streams()
+        for plugin in plugins.values():
+            try:
+                await plugin.stopping()
+            except Exception:
+                log.exception("plugin %s failed while stopping", plugin.name)
     app.on_shutdown.append(end_streams)
     return app
 

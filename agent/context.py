@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -31,6 +32,7 @@ class AgentContext:
         # Plugins add their own collectors to metrics.registry (served at /metrics).
         self.metrics = Metrics()
         self.node_uuid = ""
+        self.fingerprint_key = b""
         self._libvirt = None
 
     def libvirt(self):
@@ -56,6 +58,11 @@ class AgentContext:
         if not self.node_uuid:
             self.node_uuid = uuidlib.uuid4().hex
             await self.db.kv_set("node.uuid", self.node_uuid)
+        key = await self.db.kv_get("jobs.fingerprint_key")
+        if not key:
+            key = secrets.token_hex(32)
+            await self.db.kv_set("jobs.fingerprint_key", key)
+        self.fingerprint_key = bytes.fromhex(key)
         await self.events.load()
         await self.jobs.recover()
         await self.jobs.load_counts()

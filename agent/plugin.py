@@ -159,6 +159,10 @@ class Plugin:
         """An async generator used as an aiohttp cleanup_ctx: open, yield, close."""
         yield
 
+    async def stopping(self) -> None:
+        """Called as the agent starts to stop, before it waits for open requests:
+        end long-lived streams (websockets, event streams) here."""
+
     def plugin_status(self) -> dict[str, Any]:
         return {"name": self.name, "available": self.available, "reason": self.unavailable_reason,
                 "capabilities": {n: {"available": r is None, "reason": r}

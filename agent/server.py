@@ -113,10 +113,15 @@ def job_headers(request: web.Request) -> tuple[str | None, str | None]:
     return job_uuid, hook
 
 
-def fingerprint(request: web.Request, body: Any) -> str:
+def fingerprint(key: bytes, request: web.Request, body: Any) -> str:
+    """What makes two submissions "the same request" for X-Job-UUID.
+
+    Keyed (HMAC), because bodies carry passwords: a plain hash in the state
+    database could be guessed offline.
+    """
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     text = f"{request.method} {request.path}?{request.query_string}\n{canonical}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 class Dispatcher:
@@ -182,7 +187,8 @@ class Dispatcher:
                 return dump(await route.func(plugin, job, params, **path_args))
 
             uuid, _ = await self.ctx.jobs.submit(
-                job_uuid=job_uuid, fingerprint=fingerprint(request, body), webhook=hook,
+                job_uuid=job_uuid, webhook=hook,
+                fingerprint=fingerprint(self.ctx.fingerprint_key, request, body),
                 meta=JobMeta(plugin.name, request.method, request.path, route.action, request.remote),
                 runner=plugin.runner, work=work, check=check)
             request["job_uuid"] = uuid
@@ -288,5 +294,7 @@ def request_middleware(token: str, public: set[str], metrics):
 def _account(request: web.Request, route: str, status: int, t0: float, metrics) -> None:
     seconds = time.perf_counter() - t0
     metrics.observe_request(request.method, route, status, seconds)
-    logs.access(request.method, request.path, status, seconds * 1000, request.get("job_uuid"),
+    # A secret in the URL (a {token} part: install files, inspection, consoles) is never logged.
+    path = route if "{token}" in route else request.path
+    logs.access(request.method, path, status, seconds * 1000, request.get("job_uuid"),
                 request.remote)

@@ -21,10 +21,12 @@ PACKAGES=(
     python3 python3-venv python3-dev gcc pkg-config iproute2
     libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils
     python3-libvirt libvirt-dev
-    ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
-    dnsmasq ipmitool tftp-hpa isc-dhcp-client umockdev ipxe-qemu
+    ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
+    dnsmasq ipmitool tftp-hpa isc-dhcp-client umockdev ipxe-qemu ipxe openssl
     nfs-ganesha nfs-ganesha-vfs fuse3 python3-pyudev
     systemd util-linux procps curl
+    python3-fusepy xfsprogs e2fsprogs rsync openssh-client openssh-server
+    pci.ids
 )
 
 LOG="$(mktemp -t node-agent-install.XXXXXX)"

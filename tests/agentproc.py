@@ -46,8 +46,12 @@ class AgentProcess:
     """One `node-agent serve` process with its own state directory and port."""
 
     def __init__(self, workdir: Path, config: dict[str, dict[str, Any]] | None = None,
-                 env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: list[str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         self.workdir = workdir
+        # argv put in front of the agent's, e.g. ["unshare", "-m", "--propagation", "private"]
+        # (a wrapper that execs, so the process is the agent itself)
+        self.wrapper = list(wrapper or [])
         self.state_dir = workdir / "state"
         self.port = free_port()
         self.config = {"server": {"host": "127.0.0.1", "port": self.port},
@@ -82,7 +86,7 @@ class AgentProcess:
         log = open(self.log_path, "ab")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--config", str(cfg), *self.args],
+            [*self.wrapper, sys.executable, "-m", "agent", "serve", "--config", str(cfg), *self.args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         if wait:

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Benchmark: power status of 50 BMCs at once against one call (target: at most 3x).
+
+Everything runs on 127.0.0.1: N fake BMCs (tests/services/fake_bmc.py, one
+subprocess each, IPMI 2.0 lanplus over UDP), one real agent (``python -m agent
+serve``) with those N chassis registered, and an aiohttp client.
+
+Measured through the agent's HTTP API, ``GET /v1/baremetal/chassis/{uuid}/power``
+(a BMC round trip per call, on the agent's reused session of that BMC):
+
+- one call: one request at a time, ``--repeat`` times, each to another chassis
+  (so the per-BMC minimum interval between calls is not what is measured);
+- N at once: N requests, one per chassis, sent together; the wall time until
+  the last answer, ``--repeat`` times (median);
+- cold N at once: the same right after the agent restarted, so every call logs
+  in to its BMC first (one sample: only the first call after a start is cold).
+
+The ratio is median(N at once) / median(one call).  A markdown section with the
+machine and date is printed and appended to bench/RESULTS.md (``--no-append``
+to skip).  Every process started here is stopped at the end.
+
+    .venv/bin/python bench/bmc_power.py                 # 50 BMCs, about 30 s
+    .venv/bin/python bench/bmc_power.py --bmcs 10 --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from agentproc import AgentProcess  # noqa: E402
+from bmcproc import FakeBmcProcess  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+TARGET_RATIO = 3.0
+
+
+async def job(http: aiohttp.ClientSession, agent: AgentProcess, method: str, path: str,
+              body=None) -> dict:
+    async with http.request(method, agent.url + path, json=body, headers=agent.headers) as r:
+        reply = await r.json()
+        assert r.status == 202, reply
+    while True:
+        async with http.get(reply["location"], params={"wait": "30"}, headers=agent.headers) as r:
+            if r.status != 202:
+                out = await r.json()
+                assert r.status == 200, out
+                return out
+
+
+async def power(http, agent, uuid: str) -> float:
+    t0 = time.perf_counter()
+    async with http.get(f"{agent.url}/v1/baremetal/chassis/{uuid}/power",
+                        headers=agent.headers) as r:
+        body = await r.json()
+        assert r.status == 200 and body["status"] in ("on", "off"), body
+    return time.perf_counter() - t0
+
+
+async def all_at_once(http, agent, uuids: list[str]) -> float:
+    t0 = time.perf_counter()
+    await asyncio.gather(*(power(http, agent, u) for u in uuids))
+    return time.perf_counter() - t0
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    from importlib.metadata import version  # noqa: PLC0415
+    return (f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, Python "
+            f"{platform.python_version()}, aiohttp {aiohttp.__version__}, pyghmi "
+            f"{version('pyghmi')}; agent at commit {commit} "
+            "(plus uncommitted work)")
+
+
+async def fleet(args, delay_ms: float) -> dict:
+    """Start N fakes answering after delay_ms and one agent; measure; stop them all."""
+    work = Path(tempfile.mkdtemp(prefix="bmc-bench-"))
+    fakes = [FakeBmcProcess(work, delay_ms=delay_ms) for _ in range(args.bmcs)]
+    (work / "agent").mkdir()
+    agent = AgentProcess(work / "agent", {"baremetal": {}})
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda f: f.start(timeout=60), fakes))
+    started = time.monotonic() - t0
+    try:
+        agent.start()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            regs = await asyncio.gather(*(job(http, agent, "POST", "/v1/baremetal/chassis",
+                                              {"params": f.params()}) for f in fakes))
+            uuids = [r["inventory"]["uuid"] for r in regs]
+            await all_at_once(http, agent, uuids)        # warm sessions and connections
+            await asyncio.sleep(0.2)
+            # One call at a time, each to another chassis than the previous one, so
+            # the per-BMC minimum interval between calls ([baremetal]
+            # min_interval_seconds, 0.1 s) is never what is measured.
+            one = []
+            for i in range(args.repeat):
+                one.append(await power(http, agent, uuids[(i + 1) % len(uuids)]))
+            await asyncio.sleep(0.2)
+            many = []
+            for _ in range(args.repeat):
+                many.append(await all_at_once(http, agent, uuids))
+                await asyncio.sleep(0.2)
+            cpu0 = agent_cpu(agent)
+            for _ in range(args.repeat):
+                await all_at_once(http, agent, uuids)
+            cpu_per_call = (agent_cpu(agent) - cpu0) / (args.repeat * len(uuids))
+        agent.restart()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            cold_one = await power(http, agent, uuids[0])
+            cold_many = await all_at_once(http, agent, uuids[1:])
+    finally:
+        agent.stop()
+        for f in fakes:
+            f.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"delay": delay_ms, "started": started, "one": one, "many": many,
+            "cold_one": cold_one, "cold_many": cold_many, "cpu_per_call": cpu_per_call}
+
+
+def agent_cpu(agent: AgentProcess) -> float:
+    """The agent process' CPU seconds (user + system) so far."""
+    fields = Path(f"/proc/{agent.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(args) -> str:
+    runs = [await fleet(args, float(d)) for d in args.delays.split(",")]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ms = lambda v: f"{v * 1000:.1f}"   # noqa: E731
+    n = args.bmcs
+    lines = [
+        f"### BMC power status, run of {now}",
+        "",
+        f"Machine: {machine()}.  ",
+        f"{n} fake BMCs (tests/services/fake_bmc.py subprocesses, lanplus over UDP on "
+        f"127.0.0.1), one agent with default [baremetal] settings, "
+        f"`GET /v1/baremetal/chassis/{{uuid}}/power` through its HTTP API; {args.repeat} "
+        "samples of each; one call = one request at a time, each to another chassis; "
+        f"{n} at once = one request per chassis, all sent together, until the last answer. "
+        "BMC delay: how long each fake takes over a command (a real BMC's firmware takes "
+        "milliseconds; 0 means loopback speed, where the 2 cores running the agent and "
+        f"the {n} BMC processes are the limit).",
+        "",
+        f"| BMC delay ms | one call ms (median, min-max) | {n} at once ms (median, min-max) "
+        f"| ratio | target <= {TARGET_RATIO:g}x | agent CPU ms per call | cold: one call ms "
+        f"| cold: {n - 1} at once ms |",
+        "|---:|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in runs:
+        one, many = r["one"], r["many"]
+        ratio = statistics.median(many) / statistics.median(one)
+        lines.append(
+            f"| {r['delay']:g} | {ms(statistics.median(one))} ({ms(min(one))}-{ms(max(one))}) "
+            f"| {ms(statistics.median(many))} ({ms(min(many))}-{ms(max(many))}) "
+            f"| {ratio:.2f}x | {'met' if ratio <= TARGET_RATIO else 'MISSED'} "
+            f"| {r['cpu_per_call'] * 1000:.2f} | {ms(r['cold_one'])} | {ms(r['cold_many'])} |")
+    return "\n".join(lines + [""])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bmcs", type=int, default=50)
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--delays", default="0,20",
+                   help="comma separated BMC delays in ms, one fleet of fakes each")
+    p.add_argument("--no-append", action="store_true")
+    args = p.parse_args()
+    report = asyncio.run(run(args))
+    print(report)
+    if not args.no_append:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

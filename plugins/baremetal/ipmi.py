@@ -1,0 +1,430 @@
+"""IPMI over LAN (RMCP+) through pyghmi: one session per BMC, reused and serialized.
+
+pyghmi's client is blocking, so every call runs in a runner thread under a
+timeout.  Calls to one BMC go one at a time with a minimum interval between
+them (BMCs are small computers that drop or refuse floods); calls to
+different BMCs run in parallel.  A transient failure (node busy, a session
+the BMC forgot, a lost reply) is retried with backoff on a fresh session; a
+wrong password or a command the BMC refuses is not.
+
+pyghmi 1.6.19 needs these fixes, applied once (``_patch_pyghmi``):
+
+- SHA-1 fallback: the client proposes RAKP-HMAC-SHA256 and falls back to
+  SHA-1 only when the BMC *refuses* the proposal.  pyghmi-based BMCs
+  (virtualbmc among them) accept it but answer with SHA-1 anyway, and the
+  client crashes with ``pack expected 32 items for packing (got 20)``.  The
+  patch notices the SHA-1-sized RAKP2 and restarts the handshake with SHA-1.
+- Lost wake-ups: a reply that arrives before the waiting thread registers
+  with pyghmi's I/O thread is noticed only at the retry timer, 0.5-1 s later
+  (every ~10th call on loopback).  The patch checks for an already-queued
+  reply after registering.
+- A failed login's reason is set before the session is marked broken, so a
+  login waiting in another thread reads the reason, not AttributeError.
+- Credentials go in as ``bytes``: two sessions with the same ``str``
+  credentials in one process make pyghmi's session cache hang.
+
+Besides, each session gives up on a silent BMC after two retransmits (2-3 s)
+instead of pyghmi's ~30 s of retransmits and in-session re-logins: call()
+re-logs in itself, with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from agent import errors
+
+log = logging.getLogger("node_agent.baremetal.ipmi")
+T = TypeVar("T")
+
+_patched = False
+_patch_lock = threading.Lock()
+_sha1_fallback_allowed = True
+
+
+def _patch_pyghmi() -> None:
+    global _patched
+    with _patch_lock:
+        if _patched:
+            return
+        import pyghmi.ipmi.private.session as ps
+        from pyghmi.ipmi.private.util import _monotonic_time
+
+        orig_rakp2 = ps.Session._got_rakp2
+
+        def _got_rakp2(self, data):
+            # A BMC that accepted our SHA-256 proposal but answers with a
+            # 20-byte (SHA-1) key exchange code: start over asking for SHA-1.
+            if (_sha1_fallback_allowed and self.currhashlib is hashlib.sha256
+                    and self.sessioncontext == "EXPECTINGRAKP2" and len(data) >= 2
+                    and data[0] == self.rmcptag and data[1] == 0 and len(data) - 40 == 20):
+                log.info("BMC %s:%s answered RAKP with SHA-1: falling back to SHA-1",
+                         self.bmc, self.port)
+                self.attemptedhash = 1
+                self._open_rmcpplus_request()
+                return -9
+            return orig_rakp2(self, data)
+
+        def _io_wait_checked(timeout, myaddr, ready: Callable[[], bool]) -> None:
+            evt = threading.Event()
+            deadline = timeout + _monotonic_time()
+            ps.ioqueue.append((deadline, evt, myaddr))
+            if deadline < ps.selectdeadline:
+                intsock = ps.iosockets[0]
+                if hasattr(intsock, "fd"):
+                    intsock = intsock.fd
+                intsock.sendto(b"\x01", (ps.myself, ps.iosockets[0].getsockname()[1]))
+            if ready():        # arrived before our registration: do not wait for the timer
+                return
+            evt.wait()
+
+        def _poller(timeout=0):
+            if ps.sessionqueue:
+                return True
+            _io_wait_checked(timeout, None, lambda: bool(ps.sessionqueue))
+            return ps.sessionqueue
+
+        def awaitresponse(self, retry, netfn, command):
+            # pyghmi's own loop, with the checked wait.
+            self.awaitingresponse = True
+            try:
+                alltimeout = _monotonic_time() + (self._getmaxtimeout() * 2)
+                while (retry and ps.unmatched(self.lastresponse, netfn, command)
+                       and (self.logging or self.logged or self.onlogpayload)):
+                    timeout = self.expiration - _monotonic_time()
+                    _io_wait_checked(timeout, self.sockaddr,
+                                     lambda: bool(self.pktqueue) or not ps.unmatched(
+                                         self.lastresponse, netfn, command))
+                    while self.iterwaiters:
+                        waiter = self.iterwaiters.pop()
+                        waiter({"success": True})
+                    self.process_pktqueue()
+                    if _monotonic_time() > alltimeout:
+                        self._mark_broken()
+                        raise ps.exc.IpmiException("Session no longer connected")
+                    with ps.util.protect(ps.WAITING_SESSIONS):
+                        if (self in self.waiting_sessions
+                                and self.expiration < _monotonic_time()):
+                            self.waiting_sessions.pop(self, None)
+                            if not self.lastpayload and not self.logging:
+                                return
+                            self._timedout()
+            finally:
+                self.awaitingresponse = False
+
+        orig_mark_broken = ps.Session._mark_broken
+
+        def _mark_broken(self, error=None):
+            # pyghmi sets errormsg after logout() has marked the session broken; a
+            # login waiting in another thread (the pump thread runs pyghmi's loop too)
+            # may look in between and die on AttributeError: set it first.
+            self.errormsg = error
+            return orig_mark_broken(self, error)
+
+        ps.Session.errormsg = None
+        ps.Session._mark_broken = _mark_broken
+        ps.Session._got_rakp2 = _got_rakp2
+        ps.Session.awaitresponse = awaitresponse
+        ps._poller = _poller
+        _patched = True
+
+
+def allow_sha1_fallback(allowed: bool) -> None:
+    global _sha1_fallback_allowed
+    _sha1_fallback_allowed = allowed
+
+
+# ---- errors -------------------------------------------------------------------
+
+UNREACHABLE, AUTH, REFUSED, BUSY, LOST, FAILED = (
+    "unreachable", "auth", "refused", "busy", "lost", "failed")
+
+
+class BmcError(Exception):
+    """A classified failure of one BMC call."""
+
+    def __init__(self, kind: str, message: str, *, transient: bool = False,
+                 session_broken: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.transient = transient
+        self.session_broken = session_broken
+
+
+_AUTH_TEXT = ("Incorrect password", "Unauthorized name", "Invalid role",
+              "Unauthorized role", "Invalid username", "Unauthorized GUID",
+              "Insufficient privilege")
+_TRANSIENT_CODES = {0xC0: "node busy", 0xC3: "timeout while processing",
+                    0xCE: "response could not be provided", 0xD2: "BMC initialization in progress",
+                    0xFFFF: "timeout"}
+
+
+def classify(e: BaseException, *, logged_in: bool) -> BmcError:
+    """Turn a pyghmi (or socket) exception into a BmcError."""
+    if isinstance(e, BmcError):
+        return e
+    if isinstance(e, socket.gaierror):
+        return BmcError(UNREACHABLE, f"the BMC address does not resolve ({e.strerror})")
+    if isinstance(e, OSError):
+        return BmcError(UNREACHABLE, f"network error talking to the BMC ({e.strerror or e})",
+                        transient=logged_in, session_broken=True)
+    if isinstance(e, struct.error):
+        return BmcError(FAILED, "the BMC's session handshake could not be understood "
+                                f"({e}); is SHA-1 fallback disabled?", session_broken=True)
+    text = str(e.args[0]) if getattr(e, "args", None) and e.args[0] is not None else ""
+    code = getattr(e, "ipmicode", 0) or 0
+    if not text or text in ("timeout", "Timeout") or "no longer connected" in text \
+            or "failed to initialize" in text:
+        if logged_in:
+            return BmcError(LOST, "the BMC stopped answering on its session",
+                            transient=True, session_broken=True)
+        return BmcError(UNREACHABLE, "no answer from the BMC (nothing listens there, "
+                                     "or IPMI over LAN is disabled)", session_broken=True)
+    if any(t in text for t in _AUTH_TEXT):
+        return BmcError(AUTH, f"the BMC refused the credentials ({text})", session_broken=True)
+    if "Insufficient resources" in text:
+        return BmcError(BUSY, f"the BMC has no free session ({text})", transient=True,
+                        session_broken=True)
+    for c, words in _TRANSIENT_CODES.items():
+        if code == c or words in text.lower():
+            return BmcError(BUSY, f"the BMC is busy ({text})", transient=True)
+    return BmcError(REFUSED, f"the BMC refused the command ({text})")
+
+
+def to_api_error(e: BmcError, where: str) -> errors.ApiError:
+    """The wire error of a BmcError; ``where`` names the BMC (address:port)."""
+    if e.kind == UNREACHABLE:
+        return errors.OperationFailed(f"cannot reach the BMC at {where}: {e.message}; check "
+                                      "the address, the port and that IPMI over LAN is enabled",
+                                      code="BM.1101")
+    if e.kind == AUTH:
+        return errors.OperationFailed(f"the BMC at {where} refused the login: {e.message}; "
+                                      "check ipmiUsername and ipmiPassword", code="BM.1102")
+    if e.kind in (BUSY, LOST):
+        return errors.OperationFailed(f"the BMC at {where} did not complete the call: "
+                                      f"{e.message}; retried without success", code="BM.1105")
+    return errors.OperationFailed(f"the BMC at {where} failed the call: {e.message}",
+                                  code="BM.1103")
+
+
+# ---- sessions -----------------------------------------------------------------
+
+SESSION_MAX_TIMEOUT = 2
+
+
+@dataclass(frozen=True)
+class Credentials:
+    address: str
+    port: int
+    username: bytes
+    password: bytes
+
+    @property
+    def where(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def __repr__(self) -> str:      # never the password, not even in a traceback
+        return f"Credentials({self.where}, user={self.username!r})"
+
+
+@dataclass
+class CallPolicy:
+    timeout: float = 20.0          # one attempt, login included
+    retries: int = 2               # more attempts after a transient failure
+    backoff: float = 0.5           # first pause; doubles each retry
+    min_interval: float = 0.1      # between two calls to the same BMC
+
+
+class BmcSession:
+    """The agent's one session with one BMC: calls go one at a time."""
+
+    def __init__(self, creds: Credentials, runner, policy: CallPolicy) -> None:
+        _patch_pyghmi()
+        self.creds = creds
+        self.runner = runner
+        self.policy = policy
+        self.lock = asyncio.Lock()
+        self.last_used = 0.0
+        self._last_call_end = 0.0
+        self._cmd = None              # pyghmi Command, touched only in runner threads
+        self._cmd_lock = threading.Lock()
+        self.closed = False
+
+    # -- blocking side (runner threads) --
+    def _command(self):
+        from pyghmi.ipmi import command
+        with self._cmd_lock:
+            cmd = self._cmd
+        if cmd is not None and not cmd.ipmi_session.broken and cmd.ipmi_session.logged:
+            return cmd, True
+        try:
+            cmd = command.Command(bmc=self.creds.address, userid=self.creds.username,
+                                  password=self.creds.password, port=self.creds.port)
+        except Exception as e:
+            raise classify(e, logged_in=False) from None
+        # pyghmi's own recovery of a silent BMC (retransmits up to 4 s apart, then
+        # an in-session re-login) takes ~30 s; give up after two retransmits
+        # (2-3 s) instead: call() retries on a fresh login, with backoff.
+        sess = cmd.ipmi_session
+        sess.maxtimeout = SESSION_MAX_TIMEOUT
+        sess.logontries = 0
+        # pyghmi asks a BMC of a vendor it has no OEM module for (most of them) for
+        # its device id again before every command; once per session is enough.
+        try:
+            cmd.oem_init()
+            cmd._oemknown = True
+        except Exception as e:
+            raise classify(e, logged_in=True) from None
+        with self._cmd_lock:
+            self._cmd = cmd
+        return cmd, False
+
+    def _run(self, op: Callable[[Any], T]) -> T:
+        cmd, reused = self._command()
+        try:
+            return op(cmd)
+        except Exception as e:
+            err = classify(e, logged_in=True)
+            if err.session_broken:
+                self._drop(cmd)
+            raise err from None
+
+    def _drop(self, cmd=None) -> None:
+        with self._cmd_lock:
+            if cmd is None or self._cmd is cmd:
+                self._cmd = None
+
+    def _logout(self) -> None:
+        with self._cmd_lock:
+            cmd, self._cmd = self._cmd, None
+        if cmd is not None:
+            try:
+                cmd.ipmi_session.logout()
+            except Exception:
+                pass
+
+    # -- async side --
+    async def call(self, op: Callable[[Any], T], *, what: str,
+                   retries: int | None = None, timeout: float | None = None) -> T:
+        """Run op(command) in a thread, serialized, with retries; raise BmcError."""
+        policy = self.policy
+        retries = policy.retries if retries is None else retries
+        timeout = policy.timeout if timeout is None else timeout
+        async with self.lock:
+            if self.closed:
+                raise BmcError(FAILED, "the chassis was deleted or its credentials changed")
+            attempt = 0
+            while True:
+                pause = self._last_call_end + policy.min_interval - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                try:
+                    return await self.runner.call(self._run, op, timeout=timeout)
+                except errors.Timeout:
+                    # The thread is abandoned; its session is not trusted again.
+                    self._drop()
+                    err = BmcError(LOST, f"{what} did not finish within {timeout:g} s",
+                                   transient=True, session_broken=True)
+                except BmcError as e:
+                    err = e
+                finally:
+                    self._last_call_end = time.monotonic()
+                    self.last_used = time.time()
+                if not err.transient or attempt >= retries:
+                    raise err
+                delay = policy.backoff * (2 ** attempt)
+                attempt += 1
+                log.info("BMC %s: %s failed (%s); retry %d/%d in %.1f s", self.creds.where,
+                         what, err.message, attempt, retries, delay)
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Log out (best effort, bounded) and refuse further calls."""
+        self.closed = True
+        try:
+            await self.runner.call(self._logout, timeout=2)
+        except Exception:
+            pass
+
+    async def logout_if_idle(self, idle: float) -> bool:
+        if self.lock.locked() or self._cmd is None or time.time() - self.last_used < idle:
+            return False
+        async with self.lock:
+            try:
+                await self.runner.call(self._logout, timeout=5)
+            except Exception:
+                pass
+        return True
+
+
+# ---- operations (run in runner threads with a pyghmi Command) -------------------
+
+def op_power_status(cmd) -> str:
+    return cmd.get_power()["powerstate"]
+
+
+def op_set_power(state: str) -> Callable[[Any], str]:
+    def run(cmd) -> str:
+        cmd.set_power(state, wait=False)
+        return state
+    return run
+
+
+def op_set_bootdev(dev: str, persist: bool = False) -> Callable[[Any], dict]:
+    def run(cmd) -> dict:
+        r = cmd.set_bootdev(dev, persist=persist)
+        if isinstance(r, dict) and "error" in r:
+            raise BmcError(REFUSED, f"the BMC refused the boot device: {r['error']}")
+        return cmd.get_bootdev()
+    return run
+
+
+def op_bootdev(cmd) -> dict:
+    return cmd.get_bootdev()
+
+
+HEALTH = {0: "ok", 1: "warning", 2: "critical", 4: "failed"}
+
+
+def _plain(value: Any) -> Any:
+    """FRU values as JSON: bytes as hex, dates as ISO text."""
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def op_hardware_info(cmd) -> dict[str, Any]:
+    """FRU inventory and sensor readings; a part the BMC lacks is reported, not fatal."""
+    out: dict[str, Any] = {"inventory": {}, "sensors": [], "problems": []}
+    try:
+        out["inventory"] = {name: _plain(info) for name, info in cmd.get_inventory()
+                            if info is not None}
+    except Exception as e:
+        out["problems"].append(f"FRU inventory: {classify(e, logged_in=True).message}")
+    try:
+        for s in cmd.get_sensor_data():
+            out["sensors"].append({
+                "name": s.name, "type": s.type, "value": s.value, "units": s.units or None,
+                "health": HEALTH.get(s.health, "failed" if s.health & 4 else
+                                     "critical" if s.health & 2 else "warning"),
+                "states": list(s.states), "unavailable": bool(s.unavailable)})
+    except Exception as e:
+        out["problems"].append(f"sensors: {classify(e, logged_in=True).message}")
+    return out
