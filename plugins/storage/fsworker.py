@@ -1,0 +1,502 @@
+"""The hang-proof helper: every filesystem call on a registered storage runs here.
+
+One long-lived process per storage, started by the agent as
+``python -S fsworker.py serve ROOT TAG`` and spoken to in JSON lines over its
+stdin/stdout (one request at a time).  A dead NFS server (or a hung FUSE
+daemon) blocks this process in the kernel, never a thread of the agent: the
+agent gives each call a timeout, and when it runs out it SIGKILLs this process
+and abandons it (a process in D state cannot die before the kernel lets go),
+then starts a fresh one for the next call.
+
+The same file also runs the *writer* (``write ROOT TMP ALG SCOPE``): it takes a
+stream of frames on stdin and writes them into a hidden temporary file under
+the storage, hashing in one pass; a file only gets its final name on an
+explicit COMMIT from the agent, so a crash of either side leaves nothing
+visible under the final name.
+
+Only the standard library is used, and the script is run with ``-S``, so it
+starts in a few milliseconds.  Paths are always relative to the storage root
+and are walked one component at a time with ``O_NOFOLLOW``: no ``..``, no
+absolute paths, no symlink anywhere on the way.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import stat
+import struct
+import sys
+import time
+
+ID_FILE = ".node-agent-storage.json"
+PROBE_PREFIX = ".node-agent-probe-"
+PART_MARK = ".part-"           # hidden temporaries: .<name>.part-<tag>-<random>
+QCOW2_MAGIC = b"QFI\xfb"
+
+# Frames of the data stream (migration and downloads):
+#   b"D" + offset:u64 + length:u64 + data     a data extent
+#   b"E" + size:u64 + digestlen:u64 + digest  the end: logical file size, sender's digest
+FRAME = struct.Struct(">cQQ")
+FRAME_DATA, FRAME_END = b"D", b"E"
+
+
+class Confinement(Exception):
+    """A path that would leave the storage root (or goes through a symlink)."""
+
+
+# --- confined paths -----------------------------------------------------------
+
+def split_rel(rel: str) -> list[str]:
+    """Validate a storage-relative path: no absolute, no '..', '.', '' or NUL parts."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel:
+        raise Confinement(f"{rel!r} is not a relative path inside the storage")
+    parts = rel.split("/")
+    for p in parts:
+        if p in ("", ".", ".."):
+            raise Confinement(f"{rel!r} has an empty, '.' or '..' component")
+    return parts
+
+
+def open_dir(root: str, parts: list[str], create: bool = False) -> int:
+    """An fd of root/parts..., each component opened with O_NOFOLLOW (no symlinks)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    try:
+        for p in parts:
+            try:
+                nfd = os.open(p, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(p, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                nfd = os.open(p, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Confinement(f"'{p}' is a symlink or not a directory") from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def parent_of(root: str, rel: str, create: bool = False) -> tuple[int, str]:
+    parts = split_rel(rel)
+    return open_dir(root, parts[:-1], create), parts[-1]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _entry(st: os.stat_result) -> dict:
+    return {"type": _kind(st.st_mode), "size": st.st_size, "allocated": st.st_blocks * 512,
+            "mtime": st.st_mtime}
+
+
+# --- operations of the serving helper ------------------------------------------
+
+class Worker:
+    def __init__(self, root: str, tag: str) -> None:
+        self.root = root
+        self.tag = tag
+
+    def op_ping(self) -> str:
+        return "pong"
+
+    def op_statvfs(self) -> dict:
+        s = os.statvfs(self.root)
+        return {"total": s.f_blocks * s.f_frsize, "free": s.f_bfree * s.f_frsize,
+                "avail": s.f_bavail * s.f_frsize}
+
+    def op_prepare_root(self, create: bool = False) -> dict:
+        """The root exists (made when asked) and is a directory; its device and real path."""
+        if create:
+            os.makedirs(self.root, mode=0o755, exist_ok=True)
+        st = os.stat(self.root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.root)
+        return {"dev": st.st_dev, "realpath": os.path.realpath(self.root)}
+
+    def op_probe(self, size: int = 4096) -> dict:
+        """Write, read back and delete a small file, with O_DIRECT where the fs allows it."""
+        t0 = time.monotonic()
+        name = f"{PROBE_PREFIX}{self.tag}-{os.getpid()}"
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        buf = mmap.mmap(-1, size)          # page aligned, as O_DIRECT wants
+        pattern = (f"node-agent probe {time.time()} ".encode() * (size // 16 + 1))[:size]
+        buf.write(pattern)
+        direct = True
+        base = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(name, base | os.O_DIRECT, 0o600, dir_fd=dfd)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                direct = False     # tmpfs and some FUSE filesystems refuse O_DIRECT
+                fd = os.open(name, base | os.O_DSYNC, 0o600, dir_fd=dfd)
+            try:
+                if os.write(fd, buf) != size:
+                    raise OSError(errno.EIO, "short write on the probe file")
+                os.fsync(fd)
+                back = mmap.mmap(-1, size)
+                if os.preadv(fd, [back], 0) != size or back[:] != pattern:
+                    raise OSError(errno.EIO, "the probe file did not read back what was written")
+            finally:
+                os.close(fd)
+            os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return {"ms": round((time.monotonic() - t0) * 1000, 2), "direct": direct}
+
+    def op_claim(self, uuid: str, take: bool = True) -> dict:
+        """Read (and when free, write) the id file that ties the directory to one storage."""
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            owner = None
+            try:
+                fd = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                with os.fdopen(fd, "rb") as f:
+                    owner = json.loads(f.read(65536) or b"{}").get("primaryStorageUuid")
+            except FileNotFoundError:
+                pass
+            except (ValueError, AttributeError):
+                owner = "(unreadable id file)"
+            if owner is None and take:
+                tmp = f"{ID_FILE}{PART_MARK}{self.tag}-{os.getpid()}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=dfd)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(json.dumps({"primaryStorageUuid": uuid, "claimed": time.time()}).encode())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, ID_FILE, src_dir_fd=dfd, dst_dir_fd=dfd)
+                owner = uuid
+            return {"owner": owner}
+        finally:
+            os.close(dfd)
+
+    def op_unclaim(self, uuid: str) -> dict:
+        owner = self.op_claim(uuid, take=False)["owner"]
+        if owner == uuid:
+            dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.unlink(ID_FILE, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            return {"removed": True}
+        return {"removed": False, "owner": owner}
+
+    def op_lookup(self, path: str) -> dict:
+        """lstat of a confined path: exists, type, size, allocated bytes."""
+        try:
+            dfd, name = parent_of(self.root, path)
+        except FileNotFoundError:
+            return {"exists": False, "parentExists": False}
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return {"exists": False, "parentExists": True}
+        finally:
+            os.close(dfd)
+        return {"exists": True, "parentExists": True, **_entry(st)}
+
+    def op_stat_many(self, paths: list[str]) -> list[dict]:
+        out = []
+        for p in paths:
+            try:
+                out.append({"path": p, **self.op_lookup(p)})
+            except (Confinement, OSError) as e:
+                out.append({"path": p, "exists": False, "error": str(e)})
+        return out
+
+    def op_mkdirs(self, path: str) -> dict:
+        """Create the parent directories of a confined path."""
+        dfd, _ = parent_of(self.root, path, create=True)
+        os.close(dfd)
+        return {}
+
+    def op_unlink(self, path: str, missing_ok: bool = False) -> dict:
+        """Delete one regular file (never a symlink's target, never a directory)."""
+        try:
+            dfd, name = parent_of(self.root, path)
+        except FileNotFoundError:
+            if missing_ok:
+                return {"removed": False}
+            raise
+        try:
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                if missing_ok:
+                    return {"removed": False}
+                raise
+            if not stat.S_ISREG(st.st_mode):
+                raise Confinement(f"{path!r} is a {_kind(st.st_mode)}, not a regular file")
+            os.unlink(name, dir_fd=dfd)
+            return {"removed": True}
+        finally:
+            os.close(dfd)
+
+    def op_rename(self, src: str, dst: str) -> dict:
+        """Rename within the storage, never replacing an existing file."""
+        sfd, sname = parent_of(self.root, src)
+        try:
+            dfd, dname = parent_of(self.root, dst, create=True)
+            try:
+                _rename_noreplace(sname, dname, sfd, dfd)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        return {}
+
+    def op_listdir(self, path: str = "") -> list[dict]:
+        dfd = open_dir(self.root, split_rel(path) if path else [])
+        try:
+            out = []
+            for name in os.listdir(dfd):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append({"name": name, **_entry(st)})
+            return out
+        finally:
+            os.close(dfd)
+
+    def op_walk_images(self, skip: list[str] = (), max_depth: int = 8, limit: int = 100000) -> list[dict]:
+        """Every regular non-hidden file under the root (not under skip), with its first bytes."""
+        found: list[dict] = []
+        skip_set = set(skip)
+
+        def walk(dfd: int, prefix: str, depth: int) -> None:
+            for name in sorted(os.listdir(dfd)):
+                if name.startswith(".") or len(found) >= limit:
+                    continue
+                rel = prefix + name
+                if rel in skip_set:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode) and depth < max_depth:
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=dfd)
+                    try:
+                        walk(sub, rel + "/", depth + 1)
+                    finally:
+                        os.close(sub)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                    try:
+                        head = os.read(fd, 4)
+                    finally:
+                        os.close(fd)
+                    found.append({"path": rel, "qcow2": head == QCOW2_MAGIC, **_entry(st)})
+
+        dfd = open_dir(self.root, [])
+        try:
+            walk(dfd, "", 0)
+        finally:
+            os.close(dfd)
+        return found
+
+    def op_sweep(self, max_depth: int = 8) -> list[str]:
+        """Remove this node's leftover temporaries (.<name>.part-<tag>-*) anywhere under the root."""
+        removed: list[str] = []
+        mark = f"{PART_MARK}{self.tag}-"
+
+        def walk(dfd: int, prefix: str, depth: int) -> None:
+            for name in os.listdir(dfd):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and name.startswith(".") and mark in name:
+                    os.unlink(name, dir_fd=dfd)
+                    removed.append(prefix + name)
+                elif stat.S_ISDIR(st.st_mode) and depth < max_depth and not name.startswith("."):
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=dfd)
+                    try:
+                        walk(sub, prefix + name + "/", depth + 1)
+                    finally:
+                        os.close(sub)
+
+        dfd = open_dir(self.root, [])
+        try:
+            walk(dfd, "", 0)
+        finally:
+            os.close(dfd)
+        return removed
+
+    def op_sleep(self, seconds: float) -> dict:
+        """For tests of the timeout path without a hung filesystem."""
+        time.sleep(seconds)
+        return {}
+
+
+def _rename_noreplace(sname: str, dname: str, sfd: int, dfd: int) -> None:
+    try:
+        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        # No hard links here: check, then rename (the agent serializes writers per path).
+        try:
+            os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+            raise FileExistsError(errno.EEXIST, "the target exists", dname)
+        except FileNotFoundError:
+            pass
+        os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+        return
+    os.unlink(sname, dir_fd=sfd)
+
+
+def error_reply(rid, e: BaseException) -> dict:
+    if isinstance(e, Confinement):
+        return {"id": rid, "ok": False, "kind": "confinement", "error": str(e), "errno": None}
+    if isinstance(e, OSError):
+        return {"id": rid, "ok": False, "kind": "oserror", "errno": e.errno,
+                "error": f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")}
+    return {"id": rid, "ok": False, "kind": "bad", "error": f"{type(e).__name__}: {e}", "errno": None}
+
+
+def serve(root: str, tag: str) -> int:
+    worker = Worker(root, tag)
+    out = sys.stdout
+    for line in sys.stdin:
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            fn = getattr(worker, "op_" + req["op"], None)
+            if fn is None:
+                raise ValueError(f"unknown operation {req['op']!r}")
+            reply = {"id": rid, "ok": True, "result": fn(**(req.get("args") or {}))}
+        except Exception as e:  # every failure goes back to the agent as an answer
+            reply = error_reply(rid, e)
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    return 0
+
+
+# --- the writer -------------------------------------------------------------------
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError("the stream ended in the middle of a frame")
+    return data
+
+
+def write(root: str, tmp: str, alg: str, scope: str) -> int:
+    """Receive frames into root/tmp (a new hidden file); report; COMMIT <final> or abort.
+
+    scope "stream": the digest covers every frame (headers and data), as the
+    migration sender computes it; scope "content": only the data, in order
+    (a download: md5/sha256 of the file itself).
+    """
+    import hashlib          # here, not at the top: the serving helper starts faster without it
+    out = sys.stdout
+    stdin = sys.stdin.buffer
+    h = hashlib.new(alg)
+    dfd, name = parent_of(root, tmp, create=True)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dfd)
+    committed = False
+    received = 0
+    try:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while True:
+            head = _read_exact(stdin, FRAME.size)
+            kind, a, b = FRAME.unpack(head)
+            if kind == FRAME_DATA:
+                if scope == "stream":
+                    h.update(head)
+                offset, left = a, b
+                while left:
+                    n = stdin.readinto(view[:min(left, len(buf))])
+                    if not n:
+                        raise EOFError("the stream ended in the middle of a data frame")
+                    chunk = view[:n]
+                    h.update(chunk)
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(fd, chunk[done:], offset + done)
+                    offset += n
+                    left -= n
+                    received += n
+            elif kind == FRAME_END:
+                size, dlen = a, b
+                claimed = _read_exact(stdin, dlen).decode() if dlen else ""
+                os.ftruncate(fd, size)       # trailing holes come back as a hole
+                os.fsync(fd)
+                out.write(json.dumps({"ok": True, "digest": h.hexdigest(), "claimed": claimed,
+                                      "size": size, "bytes": received}) + "\n")
+                out.flush()
+                break
+            else:
+                raise ValueError(f"bad frame type {kind!r}")
+        control = stdin.readline().decode(errors="replace").split()
+        if control[:1] == ["COMMIT"] and len(control) == 2:
+            fdst, final_name = parent_of(root, control[1], create=True)
+            try:
+                _rename_noreplace(name, final_name, dfd, fdst)
+                os.fsync(fdst)
+            finally:
+                os.close(fdst)
+            committed = True
+            out.write(json.dumps({"ok": True, "committed": control[1]}) + "\n")
+            out.flush()
+            return 0
+        return 1
+    except Exception as e:
+        try:
+            out.write(json.dumps(error_reply(None, e)) + "\n")
+            out.flush()
+        except OSError:
+            pass
+        return 1
+    finally:
+        os.close(fd)
+        if not committed:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except OSError:
+                pass
+        os.close(dfd)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "serve":
+        return serve(argv[1], argv[2])
+    if len(argv) == 5 and argv[0] == "write":
+        return write(*argv[1:])
+    sys.stderr.write("usage: fsworker.py serve ROOT TAG | write ROOT TMP ALG stream|content\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
