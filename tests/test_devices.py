@@ -715,24 +715,25 @@ async def test_usb_redirect(agent_factory, http, gpu_tree, libvirtd, lv):  # noq
     agent = await libvirt_agent(agent_factory, libvirtd, gpu_tree, http)
     vm, vnc = make("spice"), make("vnc", spice=False)
     base = f"/v1/vm-instances/{vm.UUIDString()}/usb-redirect"
+    actions = f"/v1/vm-instances/{vm.UUIDString()}/actions"   # shared with the VM plugin's actions
     assert await get(http, agent, base) == (200, {"enable": False})
-    status, body = await run_job(http, agent, "PUT", base + "/actions",
+    status, body = await run_job(http, agent, "PUT", actions,
                                  {"setVmUsbRedirect": {"enable": True}})
     assert (status, body) == (200, {"enable": True})
     assert await get(http, agent, base) == (200, {"enable": True})
     redirs = ET.fromstring(config_xml(vm)).findall("devices/redirdev")
     assert [(r.get("bus"), r.get("type")) for r in redirs] == [("usb", "spicevmc")] * 2
     # Enabling again changes nothing.
-    status, body = await run_job(http, agent, "PUT", base + "/actions",
+    status, body = await run_job(http, agent, "PUT", actions,
                                  {"setVmUsbRedirect": {"enable": True}})
     assert status == 200 and len(ET.fromstring(config_xml(vm)).findall("devices/redirdev")) == 2
-    status, body = await run_job(http, agent, "PUT", base + "/actions",
+    status, body = await run_job(http, agent, "PUT", actions,
                                  {"setVmUsbRedirect": {"enable": False}})
     assert (status, body) == (200, {"enable": False})
     assert "<redirdev" not in config_xml(vm)
     assert await get(http, agent, base) == (200, {"enable": False})
 
-    status, body = await submit(http, agent, "PUT", f"/v1/vm-instances/{hex_of(vnc)}/usb-redirect/actions",
+    status, body = await submit(http, agent, "PUT", f"/v1/vm-instances/{hex_of(vnc)}/actions",
                                 {"setVmUsbRedirect": {"enable": True}})
     assert (status, body["error"]["code"]) == (409, "USB.1014")
     assert "SPICE" in body["error"]["description"] and "<redirdev" not in config_xml(vnc)

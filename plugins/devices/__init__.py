@@ -824,9 +824,10 @@ class DevicesPlugin(Plugin):
                                     "dashes", code="VM.1001")
         return hex_uuid(uuid)
 
-    # Registered on its own path: the VM plugin owns PUT /v1/vm-instances/{uuid}/actions
-    # (see the README; API.md puts this action there).
-    @action("/v1/vm-instances/{uuid}/usb-redirect/actions", "setVmUsbRedirect",
+    # On the VM's own actions path, as API.md says: the core routes each action of a
+    # path to the plugin that declares it, so the VM plugin's actions live beside it.
+    # The pattern must be the VM plugin's, letter for letter, to be the same route.
+    @action("/v1/vm-instances/{uuid:[0-9a-fA-F-]{32,36}}/actions", "setVmUsbRedirect",
             params=UsbRedirect, result=UsbRedirect, requires="libvirt")
     async def set_usb_redirect(self, job, params: UsbRedirect, uuid: str) -> UsbRedirect:
         """Add or remove the VM's SPICE USB redirection channels (persistent config)."""
