@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from typing import Any, Callable, TypeVar
 
 from . import errors
@@ -30,6 +32,7 @@ else:
     IMPORT_ERROR = None
 
 _event_impl_registered = False
+NUDGE = 0.1      # seconds; see LibvirtConnection._nudge_loop
 
 
 def register_event_impl() -> None:
@@ -61,7 +64,12 @@ class LibvirtConnection:
         self._listeners: list[Callable[[bool, str | None], Any]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._nudger: asyncio.Task | None = None
         self._users = 0
+        # Calls occupying a thread right now (token -> start), including those
+        # whose caller timed out: see _nudge_loop.
+        self._inflight: dict[object, float] = {}
+        self._nudging = threading.Event()
 
     @property
     def connected(self) -> bool:
@@ -75,14 +83,18 @@ class LibvirtConnection:
             libvirt.registerErrorHandler(_quiet, None)
             register_event_impl()
             self._task = asyncio.create_task(self._keep_connected(), name="libvirt-connection")
+            self._nudger = asyncio.create_task(self._nudge_loop(), name="libvirt-nudge")
 
     async def release(self) -> None:
         self._users -= 1
         if self._users > 0 or self._task is None:
             return
         self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        if self._nudger is not None:
+            self._nudger.cancel()
+        await asyncio.gather(self._task, *([self._nudger] if self._nudger else []),
+                             return_exceptions=True)
+        self._task = self._nudger = None
         if self.conn is not None:
             conn, self.conn = self.conn, None
             try:
@@ -125,8 +137,18 @@ class LibvirtConnection:
         if conn is None:
             raise errors.Unavailable(f"libvirt at {self.uri} is not reachable: {self.reason}",
                                      code="VM.1503")
+        token = object()
+
+        def tracked(c: Any, *a: Any) -> Any:
+            # Registered in the thread, so a call abandoned by its caller
+            # stays visible for as long as it really holds the connection.
+            self._inflight[token] = time.monotonic()
+            try:
+                return fn(c, *a)
+            finally:
+                self._inflight.pop(token, None)
         try:
-            return await (runner or self.runner).call(fn, conn, *args,
+            return await (runner or self.runner).call(tracked, conn, *args,
                                                       timeout=timeout or self.call_timeout)
         except Exception as e:
             if libvirt is not None and isinstance(e, libvirt.libvirtError) and _is_connection_error(e):
@@ -136,6 +158,36 @@ class LibvirtConnection:
             raise
 
     # -- internals
+    async def _nudge_loop(self) -> None:
+        """Keep a shared connection with a long call in flight answering the others.
+
+        libvirt 9.0's RPC client lets one thread at a time drive the socket;
+        while that thread waits on a long call (a migration, a VM whose QEMU
+        hangs), the wake-up that should make it send the other threads' calls
+        is often lost, and those calls (and events) wait until something else
+        arrives on the socket.  A cheap call every NUDGE seconds while a call
+        is long in flight is that something; measured, it bounds the delay to
+        about NUDGE.
+        """
+        while True:
+            await asyncio.sleep(NUDGE)
+            now = time.monotonic()
+            conn = self.conn
+            if conn is None or self._nudging.is_set() or \
+                    not any(now - t > NUDGE for t in list(self._inflight.values())):
+                continue          # nothing long in flight, or the last nudge is itself stuck
+            try:
+                await self.runner.call(self._nudge, conn, timeout=5)
+            except Exception:
+                pass
+
+    def _nudge(self, conn: Any) -> int:
+        self._nudging.set()
+        try:
+            return conn.getLibVersion()
+        finally:
+            self._nudging.clear()
+
     def _set(self, conn: Any, reason: str | None) -> None:
         changed = (conn is None) != (self.conn is None) or reason != self.reason
         self.conn, self.reason = conn, reason

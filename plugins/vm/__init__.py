@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid as uuidlib
 from typing import Any, Callable, Literal
@@ -49,7 +48,6 @@ VM = "/v1/vm-instances/{uuid:[0-9a-fA-F-]{32,36}}"
 ACTIONS = VM + "/actions"
 LIFECYCLE_EVENT = 0               # VIR_DOMAIN_EVENT_ID_LIFECYCLE
 POLL = 0.5                        # seconds between state and migration-progress polls
-NUDGE = 0.1                       # see VmPlugin._nudge_loop
 
 
 class VmSettings(WireModel):
@@ -81,8 +79,6 @@ class VmPlugin(Plugin):
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._generation = 0
-        self._inflight: dict[object, float] = {}   # our libvirt calls in flight -> start
-        self._nudging = threading.Event()
         self.tracker: LifecycleTracker | None = None
         self.sampler = StatsSampler(self._call, self.runner.call, self.conf.stats_interval_seconds,
                                     agent.config.libvirt.call_timeout_seconds)
@@ -103,8 +99,7 @@ class VmPlugin(Plugin):
         self.conn.add_listener(self._on_connection)
         await self.conn.acquire()
         background = [asyncio.create_task(self.sampler.run(lambda: self.conn.connected),
-                                          name="vm-stats"),
-                      asyncio.create_task(self._nudge_loop(), name="vm-libvirt-nudge")]
+                                          name="vm-stats")]
         try:
             yield
         finally:
@@ -156,8 +151,6 @@ class VmPlugin(Plugin):
     async def _call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
                     what: str | None = None, uuid: str | None = None) -> Any:
         """fn(virConnect, *args) on this plugin's threads; libvirt errors as VM.* codes."""
-        token = object()
-        self._inflight[token] = time.monotonic()
         try:
             return await self.conn.call(fn, *args, runner=self.runner, timeout=timeout)
         except errors.ApiError as e:
@@ -168,40 +161,6 @@ class VmPlugin(Plugin):
             raise
         except Exception as e:
             raise lverrors.to_api(e, what or f"run {getattr(fn, '__name__', 'a call')}", uuid) from None
-        finally:
-            del self._inflight[token]
-
-    async def _nudge_loop(self) -> None:
-        """Keep a shared connection with a long call in flight answering the others.
-
-        libvirt 9.0's RPC client lets one thread at a time drive the socket;
-        while that thread waits on a long call (a migration, a VM whose QEMU
-        hangs), the wake-up that should make it send the other threads' calls
-        is often lost, and those calls wait until something else arrives on the
-        socket.  A cheap call every NUDGE seconds while a call is long in
-        flight is that something; measured, it bounds the delay to about NUDGE.
-        """
-        while True:
-            await asyncio.sleep(NUDGE)
-            now = time.monotonic()
-            long_call = any(now - t > NUDGE for t in self._inflight.values())
-            # A call whose caller timed out still holds its thread (and the socket).
-            abandoned = self.runner.stats()["threadsBusy"] > len(self._inflight)
-            if self.conn is None or not self.conn.connected or not (long_call or abandoned):
-                continue
-            if self._nudging.is_set():
-                continue              # the last nudge is itself stuck: libvirtd is frozen
-            try:
-                await self.conn.call(self._nudge, runner=self.runner, timeout=5)
-            except Exception:
-                pass
-
-    def _nudge(self, conn: Any) -> int:
-        self._nudging.set()
-        try:
-            return conn.getLibVersion()
-        finally:
-            self._nudging.clear()
 
     async def _status(self, uuid: str) -> tuple[str, str | None, bool]:
         return await self._call(ops.status, uuid, what="read the VM's state", uuid=uuid)
