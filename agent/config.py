@@ -31,6 +31,21 @@ class ServerConfig(_Section):
     tls_client_ca: Path | None = None
     max_body_bytes: int = Field(16 << 20, ge=1024)
     max_wait_seconds: float = Field(60.0, gt=0, le=600)
+    # "auto": uvloop when it is installed (about 10% less CPU per request), else asyncio's.
+    event_loop: str = "auto"
+
+    @field_validator("event_loop")
+    @classmethod
+    def _known_loop(cls, v: str) -> str:
+        if v not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("must be 'auto', 'uvloop' or 'asyncio'")
+        if v == "uvloop":
+            try:
+                import uvloop  # noqa: F401
+            except ImportError:
+                raise ValueError("uvloop is not installed (pip install uvloop), "
+                                 "use 'auto' or 'asyncio'") from None
+        return v
 
 
 class AuthConfig(_Section):

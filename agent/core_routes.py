@@ -69,8 +69,18 @@ class CorePlugin(Plugin):
         super().__init__(agent, settings)
         self.plugins: dict[str, Plugin] = {}      # filled in by the app builder
         self.failures: list[dict[str, Any]] = []  # plugins that could not load
-        self.openapi: dict[str, Any] = {}
+        self.all_routes: list = []                # every route, for the OpenAPI document
+        self._openapi: dict[str, Any] | None = None
         self.metrics = None
+
+    @property
+    def openapi(self) -> dict[str, Any]:
+        """Built on first request, not at start: it needs every model's schema, which
+        costs start-up time and memory that most agents never use (models build lazily)."""
+        if self._openapi is None:
+            from .openapi import build
+            self._openapi = build(self.all_routes, self.agent.version)
+        return self._openapi
 
     @get("/v1/health", result=Health, auth=False, needs_available=False)
     async def health(self) -> Health:

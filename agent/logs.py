@@ -45,8 +45,11 @@ class BufferedStreamHandler(logging.StreamHandler):
 
 _handler: BufferedStreamHandler | None = None
 _format = "text"
+wants_remote = False     # only JSON lines carry the client's address: text ones skip looking it up
 _access = logging.getLogger("node_agent.access")
 _second = (0, "")
+_MS = tuple(f",{i:03d}" for i in range(1000))   # asctime's ",mmm", preformatted
+_INFO = logging.INFO
 
 
 def _timestamp(now: float) -> str:
@@ -55,7 +58,7 @@ def _timestamp(now: float) -> str:
     whole = int(now)
     if whole != _second[0]:
         _second = (whole, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole)))
-    return f"{_second[1]},{int((now - whole) * 1000):03d}"
+    return _second[1] + _MS[int((now - whole) * 1000)]
 
 
 def access(method: str, path: str, status: int, ms: float, job: str | None, remote: str | None) -> None:
@@ -65,7 +68,7 @@ def access(method: str, path: str, status: int, ms: float, job: str | None, remo
     INFO), without a LogRecord and a Formatter per request: ping is the
     agent's hottest path and the logging machinery was most of its cost.
     """
-    if not _access.isEnabledFor(logging.INFO):
+    if not _access.isEnabledFor(_INFO):
         return
     handler = _handler
     if handler is None:          # not set up by serve(): go through logging
@@ -77,17 +80,20 @@ def access(method: str, path: str, status: int, ms: float, job: str | None, remo
                            "level": "INFO", "logger": "node_agent.access",
                            "message": f"{method} {path} {status} {ms:.1f}ms" + (f" job={job}" if job else ""),
                            "http": {"method": method, "path": path, "status": status,
-                                    "ms": round(ms, 2), "job": job, "remote": remote}})
+                                    "ms": round(ms, 2), "job": job, "remote": remote}}) + "\n"
+    elif job:
+        line = f"{_timestamp(now)} INFO node_agent.access: {method} {path} {status} {ms:.1f}ms job={job}\n"
     else:
-        line = (f"{_timestamp(now)} INFO node_agent.access: {method} {path} {status} {ms:.1f}ms"
-                + (f" job={job}" if job else ""))
+        # One f-string for the whole line: this runs for every request.
+        line = f"{_timestamp(now)} INFO node_agent.access: {method} {path} {status} {ms:.1f}ms\n"
     with handler.lock:
-        handler.stream.write(line + "\n")
+        handler.stream.write(line)
 
 
 def setup(fmt: str = "text", level: str = "INFO") -> None:
-    global _handler, _format
+    global _handler, _format, wants_remote
     _format = fmt
+    wants_remote = fmt == "json"
     logging._srcfile = None          # no stack walk per record to find the caller
     logging.logThreads = False
     logging.logProcesses = False

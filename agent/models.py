@@ -12,7 +12,7 @@ from pydantic_core import to_jsonable_python
 class WireModel(BaseModel):
     """Parameters and results: snake_case in Python, camelCase on the wire."""
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True,
-                              extra="forbid")
+                              extra="forbid", defer_build=True)
 
 
 class Empty(WireModel):

@@ -42,6 +42,14 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
                         content_type="application/json")
 
 
+def model_response(model: BaseModel) -> web.Response:
+    """A model straight to JSON bytes by pydantic-core (the serializer dump() uses), with
+    no dict in between and no json.dumps: about 1.5 us instead of 4 for a small model.
+    Compact separators, and UTF-8 rather than \\u escapes: the same JSON value."""
+    return web.Response(body=model.__pydantic_serializer__.to_json(model, by_alias=True),
+                        content_type="application/json", charset="utf-8")
+
+
 def describe_validation(err: ValidationError, where: str) -> errors.BadRequest:
     problems = []
     for e in err.errors():
@@ -146,18 +154,24 @@ class Dispatcher:
         spec = QuerySpec.from_model(route.query_model) if route.query_model else None
         extra = ({f.alias or n for n, f in route.query_params.model_fields.items()}
                  if route.query_params else set())
+        # Decided once here, not per request: reads like ping are the hot path.
+        func, raw, has_params = route.func, route.kind in ("raw", "stream"), route.query_params is not None
+        needs_available, requires = route.needs_available, route.requires
+        path_args = "{" in route.path
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            self.ensure_available(plugin, route)
-            if route.kind in ("raw", "stream"):
-                return await route.func(plugin, request)
-            kwargs: dict[str, Any] = dict(request.match_info)
-            params = query_string_params(route, request)
-            if params is not None:
-                kwargs["params"] = params
-            result = await route.func(plugin, **kwargs)
+            if (needs_available and not plugin.available) or requires:
+                self.ensure_available(plugin, route)
+            if raw:
+                return await func(plugin, request)
+            kwargs: dict[str, Any] = dict(request.match_info) if path_args else {}
+            if has_params:
+                kwargs["params"] = query_string_params(route, request)
+            result = await func(plugin, **kwargs)
             if spec is not None:
                 return json_response(run_query(dump(result), request.query, spec, extra_params=extra))
+            if isinstance(result, BaseModel):
+                return model_response(result)
             return json_response(dump(result))
         return handler
 
@@ -227,10 +241,13 @@ class Dispatcher:
         return name, data
 
 
-def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plugin]) -> list[Route]:
+def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plugin],
+                 token: str, metrics) -> list[Route]:
+    """Every route, each handler wrapped in ``guard``; then a catch-all for 404 and 405."""
     dispatcher = Dispatcher(ctx, plugins)
     all_routes: list[Route] = []
     jobs: dict[tuple[str, str], list[tuple[Plugin, Route]]] = defaultdict(list)
+    handlers: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]], bool]] = []
     # Literal paths first, so /v1/vm-instances/stats wins over /v1/vm-instances/{uuid}.
     ordered = sorted(((p, r) for p in plugins.values() for r in p.routes()),
                      key=lambda pr: ("{" in pr[1].path, pr[1].path))
@@ -240,9 +257,21 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
         if route.is_job:
             jobs[(route.method, route.path)].append((plugin, route))
         else:
-            app.router.add_route(route.method, route.path, dispatcher.read_handler(plugin, route))
+            handlers.append((route.method, route.path, dispatcher.read_handler(plugin, route), False))
     for (method, path), routes in jobs.items():
-        app.router.add_route(method, path, dispatcher.job_handler(routes))
+        handlers.append((method, path, dispatcher.job_handler(routes), True))
+    public = public_paths(all_routes)
+    for method, path, handler, is_job in handlers:
+        # aiohttp's canonical path of the resource names the route (metrics, log) and
+        # decides auth; known here once instead of looked up on every request.
+        resource = app.router.add_resource(path)
+        name = resource.canonical
+        resource.add_route(method, guard(handler, name, name not in public, token, metrics,
+                                         is_job=is_job))
+    # Last, so it only gets what no route matched. aiohttp would answer those itself with
+    # a text body; this keeps our JSON error bodies, metrics and log line for them (and,
+    # as before, a request to an unknown URL needs the token: no probing without it).
+    app.router.add_route("*", "/{tail:.*}", guard(unmatched, "unmatched", True, token, metrics))
     return all_routes
 
 
@@ -250,18 +279,35 @@ def public_paths(routes: list[Route]) -> set[str]:
     return {r.canonical_path for r in routes if not r.auth}
 
 
-def request_middleware(token: str, public: set[str], metrics):
-    """Auth, error bodies, metrics and the access log in one layer: every
-    middleware costs a coroutine per request, and ping must stay cheap."""
-    expected = token.encode()
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """No route took this request: 405 (with Allow) when the path exists, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
-    @web.middleware
-    async def middleware(request: web.Request, handler):
+
+def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name: str,
+          needs_token: bool, token: str, metrics,
+          is_job: bool = False) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Auth, error bodies, metrics and the access log around one route's handler.
+
+    A wrapper per route rather than an aiohttp middleware: a middleware costs two more
+    coroutines per request (aiohttp adds its own current-app layer to the chain) and a
+    route lookup, and ping must stay cheap.  The token check is a constant-time compare.
+    """
+    expected = token.encode()
+    observe = metrics.observe_request
+    # A secret in the URL (a {token} part: install files, inspection, consoles) is never logged.
+    log_path = name if "{token}" in name else None
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
-        resource = request.match_info.route.resource
-        name = resource.canonical if resource is not None else "unmatched"
         try:
-            if name not in public:
+            if needs_token:
                 scheme, _, given = request.headers.get("Authorization", "").partition(" ")
                 if scheme not in ("OAuth", "Bearer") or \
                         not hmac.compare_digest(given.strip().encode(), expected):
@@ -280,21 +326,24 @@ def request_middleware(token: str, public: set[str], metrics):
         except web.HTTPNotFound:
             resp = json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
         except web.HTTPException as e:
-            _account(request, name, e.status, t0, metrics)
+            _account(request, name, log_path, e.status, t0, observe, is_job)
             raise
         except Exception as e:
             log.exception("unhandled error on %s %s", request.method, request.path)
             resp = json_response(errors.InternalError(
                 f"internal error ({type(e).__name__}); this is a bug in the agent").body(), 500)
-        _account(request, name, resp.status, t0, metrics)
+        _account(request, name, log_path, resp.status, t0, observe, is_job)
         return resp
-    return middleware
+    return guarded
 
 
-def _account(request: web.Request, route: str, status: int, t0: float, metrics) -> None:
+def _account(request: web.Request, route: str, log_path: str | None, status: int, t0: float,
+             observe, is_job: bool) -> None:
     seconds = time.perf_counter() - t0
-    metrics.observe_request(request.method, route, status, seconds)
-    # A secret in the URL (a {token} part: install files, inspection, consoles) is never logged.
-    path = route if "{token}" in route else request.path
-    logs.access(request.method, path, status, seconds * 1000, request.get("job_uuid"),
-                request.remote)
+    method = request.method
+    observe(method, route, status, seconds)
+    # request.get() raises and catches a KeyError when the key is missing: only job
+    # submissions set job_uuid, so reads (ping) do not pay for it.
+    logs.access(method, log_path or request.path, status, seconds * 1000,
+                request.get("job_uuid") if is_job else None,
+                request.remote if logs.wants_remote else None)

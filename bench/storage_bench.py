@@ -2,8 +2,8 @@
 """Storage benchmarks of issue 4 item 10, against real agent processes on 127.0.0.1.
 
 * ``migration``: a 1 GiB raw volume that is half holes (1 MiB of data every 2 MiB),
-  moved between two agents (migrateVolume, streamed over HTTP, sha256-verified, the
-  destination fsyncs and renames) vs ``cp --sparse=always --reflink=never`` vs rsync
+  moved between two agents (migrateVolume, streamed over HTTP, checksum-verified at the
+  destination with the default ``migration_checksum``, the destination fsyncs and renames) vs ``cp --sparse=always --reflink=never`` vs rsync
   over ssh on loopback (``rsync -S -W``, our own sshd on a free port).  Targets: agent
   >= 0.8x cp's throughput and >= 1x rsync's.
 * ``download``: a 1 GiB image from one local HTTP server (aiohttp, sendfile) into an
@@ -221,8 +221,9 @@ async def bench_migration(base: Path, rounds: int) -> tuple[list[str], dict]:
         lines.append(f"- agent throughput vs rsync over ssh: **{rs:.2f}x** (target >= 1: "
                      f"{'met' if rs >= 1 else '**MISSED**'})")
     lines.append("- The agent's time is the whole job: pre-flight reads of the destination, extent map, "
-                 "512 MiB streamed (holes not sent) and sha256-hashed on both sides, fsync and "
-                 "`qemu-img info`/rename at the destination, source removal, job polling.")
+                 "512 MiB streamed (holes not sent) and hashed on both sides (xxh3-128, the default "
+                 "`migration_checksum`), fsync and rename at the destination, the source renamed away "
+                 "(its blocks are freed in the background), job polling.")
     return lines, med
 
 

@@ -242,7 +242,6 @@ class ChassisRoutes:
         await self.agent.db.migrate(SCHEMA)
         self._box = SecretBox(conf.key_file or self.agent.state_dir / "baremetal.key")
         ipmi.allow_sha1_fallback(conf.allow_sha1)
-        ipmi._patch_pyghmi()
         self._ipmi_runner = self.agent.runner("baremetal-ipmi", max_threads=conf.ipmi_threads)
         self._policy = ipmi.CallPolicy(timeout=conf.call_timeout_seconds, retries=conf.retries,
                                        backoff=conf.retry_backoff_seconds,
@@ -252,9 +251,8 @@ class ChassisRoutes:
         self._provision_claims: dict[str, float] = {}
         self._consoles = ConsoleGrants()
         self._bg: set[asyncio.Task] = set()
-        stop = threading.Event()
-        pump = threading.Thread(target=_pump, args=(stop,), name="baremetal-ipmi-pump", daemon=True)
-        pump.start()
+        self._pump_stop = threading.Event()
+        self._pump: threading.Thread | None = None
         reaper = asyncio.create_task(self._reap_idle_sessions(), name="baremetal-reaper")
         try:
             yield
@@ -268,8 +266,19 @@ class ChassisRoutes:
                     g.closer()
             sessions, self._sessions = list(self._sessions.values()), {}
             await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
-            stop.set()
-            await asyncio.to_thread(pump.join, 2)
+            self._pump_stop.set()
+            if self._pump is not None:
+                await asyncio.to_thread(self._pump.join, 2)
+
+    def _ensure_pump(self) -> None:
+        """pyghmi (~10 MB of RSS with cryptography) is loaded and its event loop driven
+        from the first BMC session or console on, not at start: an agent without chassis
+        never needs it."""
+        if self._pump is None:
+            ipmi._patch_pyghmi()
+            self._pump = threading.Thread(target=_pump, args=(self._pump_stop,),
+                                          name="baremetal-ipmi-pump", daemon=True)
+            self._pump.start()
 
     async def chassis_stopping(self) -> None:
         """The agent is stopping: close open consoles now rather than wait them out."""
@@ -354,6 +363,7 @@ class ChassisRoutes:
             if s is None or s.closed or s.creds != creds:
                 if s is not None:
                     self._spawn(s.close())
+                self._ensure_pump()
                 s = ipmi.BmcSession(creds, self._ipmi_runner, self._policy)
                 self._sessions[row["uuid"]] = s
             return s
@@ -395,6 +405,7 @@ class ChassisRoutes:
 
     async def _verify(self, creds: ipmi.Credentials) -> str:
         """Log in with creds and read the power state; a fresh session, closed after."""
+        self._ensure_pump()
         s = ipmi.BmcSession(creds, self._ipmi_runner, self._policy)
         try:
             return await s.call(ipmi.op_power_status, what="log in")
@@ -775,6 +786,7 @@ class ChassisRoutes:
             raise
         await ws.prepare(request)
         loop = asyncio.get_running_loop()
+        self._ensure_pump()
         bridge = SolBridge(creds, self._ipmi_runner, loop)
         g.closer = lambda: loop.create_task(ws.close(code=1001, message=b"chassis gone"))
         log.info("console of chassis %s opened from %s", g.chassis_uuid, request.remote)

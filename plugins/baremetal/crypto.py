@@ -9,12 +9,13 @@ silently decrypted to garbage.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import stat
 from pathlib import Path
-
-from cryptography.fernet import Fernet, InvalidToken
+from typing import Any
 
 from agent import errors
 
@@ -24,7 +25,27 @@ log = logging.getLogger("node_agent.baremetal")
 class SecretBox:
     def __init__(self, key_file: Path) -> None:
         self.key_file = key_file
-        self._fernet = Fernet(self._load_or_create())
+        self._key = self._load_or_create()
+        self._fernet_obj: Any = None
+
+    @property
+    def _fernet(self) -> Any:
+        # cryptography is imported on the first encryption or decryption, not at start:
+        # it costs ~7 MB of RSS that an agent without chassis never needs.
+        if self._fernet_obj is None:
+            from cryptography.fernet import Fernet
+            self._fernet_obj = Fernet(self._key)
+        return self._fernet_obj
+
+    @staticmethod
+    def _check_key(key: bytes) -> None:
+        """What Fernet(key) checks, without importing cryptography: 32 url-safe base64 bytes."""
+        try:
+            raw = base64.urlsafe_b64decode(key)
+        except binascii.Error as e:
+            raise ValueError(str(e)) from None
+        if len(raw) != 32:
+            raise ValueError("Fernet key must be 32 url-safe base64-encoded bytes.")
 
     def _load_or_create(self) -> bytes:
         path = self.key_file
@@ -38,13 +59,13 @@ class SecretBox:
                 os.chmod(path, 0o600)
             key = path.read_bytes().strip()
             try:
-                Fernet(key)
+                self._check_key(key)
             except ValueError:
                 raise RuntimeError(f"{path} is not a valid key file (32 url-safe base64 bytes); "
                                    "restore it from a backup, or remove it and re-enter the "
                                    "passwords of every chassis") from None
             return key
-        key = Fernet.generate_key()
+        key = base64.urlsafe_b64encode(os.urandom(32))   # what Fernet.generate_key() does
         with os.fdopen(fd, "wb") as f:
             f.write(key + b"\n")
             f.flush()
@@ -56,6 +77,7 @@ class SecretBox:
         return self._fernet.encrypt(secret.encode()).decode()
 
     def decrypt(self, token: str, what: str = "a stored secret") -> bytes:
+        from cryptography.fernet import InvalidToken
         try:
             return self._fernet.decrypt(token.encode())
         except (InvalidToken, ValueError):

@@ -112,9 +112,10 @@ class CephPlugin(Plugin):
         self.live: dict[str, dict[str, Any]] = defaultdict(dict)   # uuid -> last check
         self.locks: dict[Any, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.checker = health.HealthChecker(self, self.conf.health_interval)
-        if cluster.IMPORT_ERROR:
+        import_error = cluster.import_error()
+        if import_error:
             self.set_available(False, "the rados/rbd Python bindings cannot be imported "
-                               f"({cluster.IMPORT_ERROR}): install Debian's python3-rados and "
+                               f"({import_error}): install Debian's python3-rados and "
                                "python3-rbd and run the agent from a venv made with "
                                "--system-site-packages")
 

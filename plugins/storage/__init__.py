@@ -34,7 +34,7 @@ from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
 from . import imagecache, migrate, nfs, volumes
-from .fsclient import FsError, FsHelper, StorageHung
+from .fsclient import FsError, FsHelper, StorageHung, helper_argv
 from .fsworker import Confinement, split_rel
 from .models import (AddLocalPrimaryStorage, AddNfsPrimaryStorage, AddSmpPrimaryStorage,
                      Capacity, ChangePrimaryStorageState, CleanUpResult, CreateVolume, DeleteParams,
@@ -43,7 +43,8 @@ from .models import (AddLocalPrimaryStorage, AddNfsPrimaryStorage, AddSmpPrimary
                      PrimaryStorageTypes, ResizeVolume, StorageSettings, VolumeInventory,
                      VolumeReply, norm_uuid)
 from .registry import ImageRow, Registry, StorageRow, VolumeRow
-from .writer import temp_name
+from .spares import Spare
+from .writer import spawn_writer, temp_name
 
 log = logging.getLogger("node_agent.storage")
 
@@ -89,6 +90,10 @@ class StoragePlugin(Plugin):
         self.registry = Registry(agent.db)
         self.storages: dict[str, Storage] = {}
         self._collector: StorageCollector | None = None
+        self._background: set[asyncio.Task] = set()
+        # idle migration helpers, started ahead (see spares.py)
+        self.sender_spare = Spare(migrate.spawn_sender)
+        self.writer_spare = Spare(spawn_writer)
 
     @property
     def conf(self) -> StorageSettings:
@@ -106,10 +111,18 @@ class StoragePlugin(Plugin):
             st = self._make(row)
             self.storages[row.uuid] = st
             st.monitor = asyncio.create_task(self._monitor(st, initial=True), name=f"storage-{row.uuid}")
+        if self.storages:
+            self.prime_spares()
         self._collector = StorageCollector(self)
         self.agent.metrics.registry.register(self._collector)
         yield
         self.agent.metrics.registry.unregister(self._collector)
+        await self.sender_spare.close()
+        await self.writer_spare.close()
+        if self._background:     # removals of moved volumes: a hidden leftover is swept at start
+            await asyncio.wait(self._background, timeout=5)
+            for t in self._background:
+                t.cancel()
         for st in list(self.storages.values()):
             await self._stop(st)
 
@@ -176,6 +189,53 @@ class StoragePlugin(Plugin):
             return await st.helper.call(op, timeout=timeout, **args)
         except FsError as e:
             raise self.fs_error(st, e, op) from None
+
+    async def remove_moved(self, st: Storage, rel: str) -> None:
+        """A moved volume's old copy: renamed at once to a hidden temporary (gone from view,
+        and swept at the next start if the agent stops first), then removed in the
+        background by a process of its own: freeing a big file's blocks takes a while
+        (0.1 s for 512 MiB on tmpfs, longer on disks), and neither the job nor the
+        storage's helper should wait for it."""
+        hidden = temp_name(rel, self.tag)
+        try:
+            await st.helper.call("rename", src=rel, dst=hidden)
+        except Exception as e:
+            log.warning("storage %s: could not rename %s away: %s", st.uuid, rel, e)
+            await self.remove_quietly(st, rel)
+            return
+        self.remove_later(st, hidden)
+
+    def prime_spares(self) -> None:
+        """Start the idle sender and writer (once there is a storage to migrate from or to)."""
+        self.sender_spare.prime()
+        self.writer_spare.prime()
+
+    def remove_later(self, st: Storage, hidden: str) -> None:
+        """Remove a hidden temporary in the background (see remove_moved)."""
+        task = asyncio.create_task(self._unlink_process(st, hidden))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unlink_process(self, st: Storage, rel: str) -> None:
+        proc = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *helper_argv("unlink", st.root, rel), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd="/",
+                start_new_session=True)
+            async with asyncio.timeout(3600):
+                out, _ = await proc.communicate()
+            if proc.returncode != 0:
+                log.warning("storage %s: could not remove %s: %s", st.uuid, rel,
+                            out.decode(errors="replace").strip())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:       # timed out (a hung storage): the next sweep does it
+            log.warning("storage %s: removing %s did not finish (%s); the next sweep does it",
+                        st.uuid, rel, type(e).__name__)
+        finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
 
     async def remove_quietly(self, st: Storage, rel: str) -> None:
         try:
@@ -466,6 +526,7 @@ class StoragePlugin(Plugin):
         self._overlap(row.mount_path, row.uuid)
         st = self._make(row)
         self.storages[row.uuid] = st          # reserved: a concurrent registration sees it
+        self.prime_spares()
         mounted = False
         try:
             if kind == SMP:

@@ -11,6 +11,7 @@ and piling up more unkillable processes helps nobody.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -38,6 +39,17 @@ class FsError(Exception):
 
 class StorageHung(errors.OperationFailed):
     code = "STORAGE.1408"
+
+
+@functools.cache
+def helper_pypath() -> tuple[str, ...]:
+    """Where the agent found xxhash (the migration checksum): the helpers run with -S,
+    without site-packages, and add this to their sys.path when they need it."""
+    try:
+        import xxhash
+    except ImportError:
+        return ()
+    return (os.path.dirname(os.path.dirname(os.path.abspath(xxhash.__file__))),)
 
 
 def helper_argv(*args: str) -> list[str]:

@@ -8,14 +8,16 @@ agent gives each call a timeout, and when it runs out it SIGKILLs this process
 and abandons it (a process in D state cannot die before the kernel lets go),
 then starts a fresh one for the next call.
 
-The same file also runs the *writer* (``write ROOT TMP ALG SCOPE``): it takes a
-stream of frames on stdin and writes them into a hidden temporary file under
-the storage, hashing in one pass; a file only gets its final name on an
-explicit COMMIT from the agent, so a crash of either side leaves nothing
-visible under the final name.
+The same file also runs the *writer* (``write [CHANNEL]``, see ``write``): it
+takes a stream of frames, piped on its stdin or straight from the connection
+of the request that carries it, and writes them into a hidden temporary file
+under the storage, hashing in the same pass; a file only gets its final name
+on an explicit COMMIT from the agent, so a crash of either side leaves nothing
+visible under the final name.  And ``unlink ROOT PATH``, a one-shot removal.
 
-Only the standard library is used, and the script is run with ``-S``, so it
-starts in a few milliseconds.  Paths are always relative to the storage root
+Only the standard library is used (and xxhash for the migration checksum,
+found where the agent says), and the script is run with ``-S``, so it starts
+in a few milliseconds.  Paths are always relative to the storage root
 and are walked one component at a time with ``O_NOFOLLOW``: no ``..``, no
 absolute paths, no symlink anywhere on the way.
 """
@@ -41,6 +43,8 @@ QCOW2_MAGIC = b"QFI\xfb"
 #   b"E" + size:u64 + digestlen:u64 + digest  the end: logical file size, sender's digest
 FRAME = struct.Struct(">cQQ")
 FRAME_DATA, FRAME_END = b"D", b"E"
+WRITE_CHUNK = 1 << 20          # the writer's buffers: received into by one thread, written by another
+WRITE_BUFFERS = 8
 
 
 class Confinement(Exception):
@@ -403,72 +407,267 @@ def serve(root: str, tag: str) -> int:
 
 # --- the writer -------------------------------------------------------------------
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise EOFError("the stream ended in the middle of a frame")
-    return data
+def new_hash(alg: str, pypath: list[str] | None = None):
+    """A hash object: hashlib's algorithms, or xxh3_128/xxh3_64 of the xxhash package.
+
+    The helpers run with ``-S`` (no site-packages), so the agent passes the
+    directories where it found xxhash in ``pypath``."""
+    if alg.startswith("xxh3_"):
+        for p in pypath or ():
+            if p not in sys.path:
+                sys.path.append(p)
+        import xxhash
+        return getattr(xxhash, alg)()
+    import hashlib          # here, not at the top: the serving helper starts faster without it
+    return hashlib.new(alg)
 
 
-def write(root: str, tmp: str, alg: str, scope: str) -> int:
-    """Receive frames into root/tmp (a new hidden file); report; COMMIT <final> or abort.
+def preload(pypath: list[str]) -> None:
+    """Import xxhash ahead (a spare has the time): new_hash then finds it loaded."""
+    try:
+        new_hash("xxh3_128", pypath)
+    except ImportError:
+        pass
+
+
+class _Body:
+    """The request body as the writer reads it: from stdin (the agent pipes it), or from
+    the connection itself (the agent hands its socket over), after ``prefix``, the bytes
+    the agent had already read from that connection."""
+
+    def __init__(self, stdin, sock=None, prefix: bytes = b"", length: int = 0,
+                 timeout: float = 120.0) -> None:
+        self.stdin, self.sock = stdin, sock
+        self.prefix = memoryview(prefix)
+        self.left = length - len(prefix)        # on the socket
+        self.timeout = timeout
+        if sock is not None:
+            import select
+            self.poll = select.poll()
+            self.poll.register(sock.fileno(), select.POLLIN)
+
+    def readinto(self, view: memoryview) -> int:
+        if self.sock is None:
+            n = self.stdin.readinto(view)
+        elif self.prefix:
+            n = min(len(view), len(self.prefix))
+            view[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+        else:
+            if self.left <= 0:
+                raise EOFError("the frames go on past the end of the request body")
+            while True:
+                # Non-blocking (the agent shares the descriptor's flags), polled only when
+                # there is nothing to read: one system call per read while data flows.
+                try:
+                    n = self.sock.recv_into(view, min(len(view), self.left))
+                    break
+                except BlockingIOError:
+                    if not self.poll.poll(self.timeout * 1000):
+                        raise OSError(errno.ETIMEDOUT, "the sender sent nothing for "
+                                      f"{self.timeout:g} s") from None
+            self.left -= n
+        if not n:
+            raise EOFError("the stream ended in the middle of a frame")
+        return n
+
+    def read_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            got += self.readinto(view[got:])
+        return bytes(buf)
+
+
+def write(channel: int | None = None) -> int:
+    """Receive frames into a new hidden file; report; COMMIT <final> or remove it.
+
+    Settings come as the first line on stdin (JSON): root, tmp, alg, scope and
+    pypath; for a stream taken over from the agent's connection also sock
+    ("channel": the descriptor of the connection comes with SCM_RIGHTS on the
+    unix socket ``channel``, as the writer was started ahead, see spares.py),
+    prefix (how many body bytes follow on stdin: what the agent had already read
+    from the connection) and length (the Content-Length).  Nothing is created
+    before that line: EOF instead of it is a clean exit (an unneeded spare).
 
     scope "stream": the digest covers every frame (headers and data), as the
-    migration sender computes it; scope "content": only the data, in order
-    (a download: md5/sha256 of the file itself).
+    migration sender computes it; scope "content": only the data, in order.
+
+    The body is read by the main thread while a second thread hashes and writes,
+    so receiving and writing overlap.  Once stdin carries nothing but the control
+    line, a third thread watches it: EOF before COMMIT (the agent died) removes
+    the temporary file and ends the process at once, even in the middle of a
+    stream that comes straight from the connection.
     """
-    import hashlib          # here, not at the top: the serving helper starts faster without it
+    import queue
+    import threading
+    import socket
     out = sys.stdout
     stdin = sys.stdin.buffer
-    h = hashlib.new(alg)
-    dfd, name = parent_of(root, tmp, create=True)
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                 dir_fd=dfd)
+    line = stdin.readline()
+    if not line:
+        return 1                     # a spare that was not needed
+    try:
+        cfg = json.loads(line)
+        root, tmp, scope = cfg["root"], cfg["tmp"], cfg.get("scope", "stream")
+        h = new_hash(cfg["alg"], cfg.get("pypath"))
+        sock = None
+        if cfg.get("sock") is not None:
+            prefix = stdin.read(int(cfg.get("prefix", 0)))
+            if len(prefix) != int(cfg.get("prefix", 0)):
+                raise EOFError("the agent's pipe closed before the start of the stream")
+            if cfg["sock"] == "channel":
+                with socket.socket(fileno=channel) as chan:
+                    channel = None
+                    _, fds, _, _ = socket.recv_fds(chan, 1, 1)
+                if len(fds) != 1:
+                    raise OSError(errno.EBADF, "no connection came on the writer's channel")
+                conn_fd = fds[0]
+            else:
+                conn_fd = int(cfg["sock"])
+            sock = socket.socket(fileno=conn_fd)
+            # Non-blocking, as the agent's loop needs it (the file status is shared): never
+            # setblocking(True) on a descriptor that the agent holds too.
+            sock.setblocking(False)
+            body = _Body(stdin, sock, prefix, int(cfg["length"]), float(cfg.get("stall", 120)))
+        else:
+            body = _Body(stdin)
+        if channel is not None:
+            os.close(channel)
+        dfd, name = parent_of(root, tmp, create=True)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
+    except Exception as e:           # nothing was created: say why
+        out.write(json.dumps(error_reply(None, e)) + "\n")
+        out.flush()
+        return 1
+    lock = threading.Lock()
+    state = {"keep": False}         # True once COMMIT came (or the files are closed)
+    control: queue.SimpleQueue = queue.SimpleQueue()
+
+    def remove_temp() -> None:
+        try:
+            os.unlink(name, dir_fd=dfd)
+        except OSError:
+            pass
+
+    def watch_stdin() -> None:
+        while True:
+            ctl = stdin.readline()
+            with lock:
+                if not ctl:
+                    if not state["keep"]:
+                        remove_temp()           # the agent is gone: nothing may stay behind
+                        os._exit(1)
+                    control.put(b"")
+                    return
+                if ctl.startswith(b"COMMIT "):
+                    state["keep"] = True
+            control.put(ctl)
+
+    watcher = threading.Thread(target=watch_stdin, daemon=True)
+    if sock is not None:
+        watcher.start()
     committed = False
     received = 0
     try:
-        buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        while True:
-            head = _read_exact(stdin, FRAME.size)
-            kind, a, b = FRAME.unpack(head)
-            if kind == FRAME_DATA:
-                if scope == "stream":
-                    h.update(head)
-                offset, left = a, b
-                while left:
-                    n = stdin.readinto(view[:min(left, len(buf))])
-                    if not n:
-                        raise EOFError("the stream ended in the middle of a data frame")
-                    chunk = view[:n]
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(WRITE_BUFFERS):
+            free.put(bytearray(WRITE_CHUNK))
+        failure: list[BaseException] = []
+
+        def sink() -> None:
+            try:
+                while (item := ready.get()) is not None:
+                    if type(item) is bytes:          # a frame header, hashed in stream order
+                        h.update(item)
+                        continue
+                    buf, n, offset = item
+                    chunk = memoryview(buf)[:n]
                     h.update(chunk)
                     done = 0
                     while done < n:
                         done += os.pwrite(fd, chunk[done:], offset + done)
-                    offset += n
-                    left -= n
-                    received += n
-            elif kind == FRAME_END:
-                size, dlen = a, b
-                claimed = _read_exact(stdin, dlen).decode() if dlen else ""
-                os.ftruncate(fd, size)       # trailing holes come back as a hole
-                os.fsync(fd)
-                out.write(json.dumps({"ok": True, "digest": h.hexdigest(), "claimed": claimed,
-                                      "size": size, "bytes": received}) + "\n")
-                out.flush()
-                break
-            else:
-                raise ValueError(f"bad frame type {kind!r}")
-        control = stdin.readline().decode(errors="replace").split()
-        if control[:1] == ["COMMIT"] and len(control) == 2:
-            fdst, final_name = parent_of(root, control[1], create=True)
+                    free.put(buf)
+            except BaseException as e:
+                failure.append(e)
+                free.put(None)                       # wakes the reader, which reports it
+
+        sink_thread = threading.Thread(target=sink, daemon=True)
+        sink_thread.start()
+        end = 0
+        last = time.monotonic()
+        try:
+            while True:
+                head = body.read_exact(FRAME.size)
+                kind, a, b = FRAME.unpack(head)
+                if kind == FRAME_DATA:
+                    if scope == "stream":
+                        ready.put(head)
+                    offset, left = a, b
+                    end = max(end, offset + left)
+                    while left:
+                        buf = free.get()
+                        if buf is None:
+                            raise failure[0]
+                        view = memoryview(buf)
+                        want = min(left, len(buf))
+                        n = 0
+                        while n < want:
+                            n += body.readinto(view[n:want])
+                        ready.put((buf, n, offset))
+                        offset += n
+                        left -= n
+                        received += n
+                        now = time.monotonic()
+                        if sock is not None and now - last >= 0.25:
+                            last = now       # the agent's stall timer (it feeds no pipe here)
+                            out.write(json.dumps({"got": received}) + "\n")
+                            out.flush()
+                elif kind == FRAME_END:
+                    size, dlen = a, b
+                    if dlen > 1024:
+                        raise ValueError(f"bad end frame (a digest of {dlen} bytes)")
+                    claimed = body.read_exact(dlen).decode(errors="replace") if dlen else ""
+                    break
+                else:
+                    raise ValueError(f"bad frame type {kind!r}")
+        finally:
+            ready.put(None)
+            sink_thread.join()
+        if failure:
+            raise failure[0]
+        if sock is not None:
+            if body.left:
+                raise ValueError(f"{body.left} bytes of the request body follow its end frame")
+            sock.close()             # our copy only: the agent answers on the connection
+            sock = None
+        if end > size:
+            raise ValueError(f"a data frame ends at {end}, past the file size {size}")
+        os.ftruncate(fd, size)       # trailing holes come back as a hole
+        os.fsync(fd)
+        allocated = os.fstat(fd).st_blocks * 512
+        out.write(json.dumps({"ok": True, "digest": h.hexdigest(), "claimed": claimed,
+                              "size": size, "bytes": received, "allocated": allocated}) + "\n")
+        out.flush()
+        if cfg.get("sock") is None:
+            watcher.start()          # piped: stdin carries only the control line from here
+        ctl = control.get().decode(errors="replace").split()
+        if ctl[:1] == ["COMMIT"] and len(ctl) == 2:
+            fdst, final_name = parent_of(root, ctl[1], create=True)
             try:
                 _rename_noreplace(name, final_name, dfd, fdst)
                 os.fsync(fdst)
             finally:
                 os.close(fdst)
             committed = True
-            out.write(json.dumps({"ok": True, "committed": control[1]}) + "\n")
+            out.write(json.dumps({"ok": True, "committed": ctl[1]}) + "\n")
             out.flush()
             return 0
         return 1
@@ -480,21 +679,37 @@ def write(root: str, tmp: str, alg: str, scope: str) -> int:
             pass
         return 1
     finally:
-        os.close(fd)
-        if not committed:
-            try:
-                os.unlink(name, dir_fd=dfd)
-            except OSError:
-                pass
-        os.close(dfd)
+        with lock:
+            state["keep"] = True     # from here the watcher leaves the files alone
+            os.close(fd)
+            if not committed:
+                remove_temp()
+            os.close(dfd)
+        if sock is not None:
+            sock.close()
 
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "serve":
         return serve(argv[1], argv[2])
-    if len(argv) == 5 and argv[0] == "write":
-        return write(*argv[1:])
-    sys.stderr.write("usage: fsworker.py serve ROOT TAG | write ROOT TMP ALG stream|content\n")
+    if len(argv) == 3 and argv[0] == "unlink":
+        # one-shot, for a big file whose blocks take a while to free (run in the background)
+        try:
+            print(json.dumps(Worker(argv[1], "").op_unlink(argv[2], missing_ok=True)))
+            return 0
+        except (Confinement, OSError) as e:
+            print(json.dumps(error_reply(None, e)))
+            return 1
+    if argv[:1] == ["write"]:
+        if len(argv) > 2:                # an idle spare: import the checksum module meanwhile
+            preload(argv[2:])
+        rc = write(int(argv[1]) if len(argv) >= 2 else None)
+        sys.stdout.flush()
+        # At once: a normal interpreter exit would wait (1 s) for the stdin lock that the
+        # watching thread holds in its readline.
+        os._exit(rc)
+    sys.stderr.write("usage: fsworker.py serve ROOT TAG | unlink ROOT PATH | write [CHANNEL_FD "
+                     "[PYPATH...]]  (settings as one JSON line on stdin)\n")
     return 2
 
 

@@ -3,13 +3,15 @@
 Between agents: the source runs ``streamio.py send`` (a process: it reads the
 storage), which PUTs the file's data extents to the destination's
 ``/v1/primary-storage/{uuid}/volume-streams/{volumeUuid}``.  The destination
-pipes the body into its writer (``fsworker.py write``): a hidden temporary
-file, hashed as it is written; the end frame's digest must match, qemu-img
-must read the image, and only then does it get its final name and a row.  The
-source deletes its copy only after the destination's 200.  An interrupted
-stream (either agent killed) leaves the source as it was and, at the
-destination, at most a hidden temporary that the writer removes (EOF on its
-pipe) or the next start sweeps.
+hands the request's connection to its writer (``fsworker.py write``), which
+reads the body itself (over HTTPS the agent pipes it instead): a hidden
+temporary file, hashed as it is written; the end frame's digest must match,
+qemu-img must read a qcow2 image, and only then does it get its final name and
+a row.  The source gives up its copy only after the destination's 200 (renamed
+away at once, removed in the background).  An interrupted stream (either agent
+killed) leaves the source as it was and, at the destination, at most a hidden
+temporary that the writer removes (EOF on its pipe from the agent) or the next
+start sweeps.  Sender and writer are started ahead (spares.py).
 
 Backing chains: ``flatten`` converts the volume into one self-contained image
 first (a hidden temporary on the source); ``carry`` sends the cached backing
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -36,16 +39,17 @@ from agent import errors
 from agent.runner import kill_tree
 
 from . import fsworker, volumes
-from .fsclient import FsError
+from .fsclient import FsError, helper_pypath
 from .imagecache import ssl_context
 from .registry import ImageRow, VolumeRow
+from .spares import Spawned
 from .writer import Writer, temp_name
 
 if TYPE_CHECKING:
     from . import Storage, StoragePlugin
 
 STREAMIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streamio.py")
-ALGS = ("sha256", "sha1", "sha512", "blake2b", "md5")
+ALGS = ("xxh3_128", "sha256", "sha1", "sha512", "blake2b", "md5")
 
 
 def check_agent_url(url: str) -> str:
@@ -112,16 +116,25 @@ async def preflight(remote: Remote, dst_uuid: str, volume_uuid: str) -> None:
                               code="STORAGE.1009")
 
 
+async def spawn_sender() -> Spawned:
+    """``streamio.py send``, idle until its settings arrive on stdin (see spares.py)."""
+    return Spawned(await asyncio.create_subprocess_exec(
+        sys.executable, "-S", STREAMIO, "send", *helper_pypath(), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
+        start_new_session=True, limit=16 << 20))
+
+
 async def run_sender(plugin: "StoragePlugin", job, st: "Storage", rel: str, url: str, token: str,
                      verify: bool, headers: dict[str, str], label: str) -> dict[str, Any]:
     conf = plugin.conf
+    alg = conf.migration_checksum
+    if alg.startswith("xxh3_") and not helper_pypath():
+        alg = "sha256"                 # xxhash is not installed here: the slower standard one
     cfg = {"root": st.root, "path": rel, "url": url, "token": token, "verify": verify,
-           "cafile": conf.tls_ca_file, "headers": headers, "alg": conf.migration_checksum,
-           "timeout": conf.migration_stall_seconds, "parent": os.getpid()}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-S", STREAMIO, "send", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",
-        start_new_session=True, limit=16 << 20)
+           "cafile": conf.tls_ca_file, "headers": headers, "alg": alg,
+           "timeout": conf.migration_stall_seconds, "parent": os.getpid(),
+           "pypath": list(helper_pypath())}
+    proc = (await plugin.sender_spare.take()).proc
     err_task = asyncio.ensure_future(proc.stderr.read(64 << 10))
     final: dict[str, Any] | None = None
     try:
@@ -174,6 +187,7 @@ async def migrate_remote(plugin: "StoragePlugin", job, st: "Storage", vol: Volum
     remote = Remote(base, dest.token or "", dest.tls_verify, plugin.conf.tls_ca_file)
     dst_uuid = dest.primary_storage_uuid.replace("-", "").lower()
     job.progress(0, "checking the destination")
+    plugin.sender_spare.prime()        # starts meanwhile, if none is waiting yet
     await preflight(remote, dst_uuid, vol.uuid)
     send_rel, temp = vol.path, None
     meta = {"name": vol.name, "description": vol.description, "type": vol.type}
@@ -197,11 +211,12 @@ async def migrate_remote(plugin: "StoragePlugin", job, st: "Storage", vol: Volum
         # The row first: from here on the destination's copy is the volume, even if the
         # source's file cannot be removed right now (it is then only logged).
         await plugin.registry.delete_volume(vol.uuid)
-        await plugin.remove_quietly(st, vol.path)
+        await plugin.remove_moved(st, vol.path)
         return body
     finally:
         if temp:
-            await plugin.remove_quietly(st, temp)
+            plugin.remove_later(st, temp)
+        plugin.sender_spare.prime_soon()
 
 
 async def carry_image(plugin: "StoragePlugin", job, st: "Storage", vol: VolumeRow, remote: Remote,
@@ -276,7 +291,7 @@ async def migrate_local(plugin: "StoragePlugin", job, src: "Storage", vol: Volum
                          "image_uuid": image_uuid if backing else None})
     await plugin.registry.save_volume(moved)
     job.progress(95, "removing the source")
-    await plugin.remove_quietly(src, path)
+    await plugin.remove_moved(src, path)
     return {"inventory": await plugin.volume_inventory(dst, moved, live=True)}
 
 
@@ -306,6 +321,9 @@ async def receive(plugin: "StoragePlugin", request: web.Request, kind: str) -> w
         raise errors.BadRequest("bad X-*-Meta or X-File-Size header", code="STORAGE.1001") from None
     if fmt not in volumes.FORMATS or alg not in ALGS or not isinstance(meta, dict):
         raise errors.BadRequest("bad format, checksum algorithm or metadata", code="STORAGE.1001")
+    if alg.startswith("xxh3_") and not helper_pypath():
+        raise errors.BadRequest(f"checksum {alg} needs the xxhash package, which this agent lacks: "
+                                "set migration_checksum = \"sha256\" on the source", code="STORAGE.1001")
     plugin.check_rel(path)
     if request.content_length is None:
         raise errors.BadRequest("Content-Length is required", code="STORAGE.1001")
@@ -319,41 +337,79 @@ async def receive(plugin: "StoragePlugin", request: web.Request, kind: str) -> w
     if cap is not None and data_bytes > cap:
         raise errors.Conflict(f"primary storage {st.uuid} has {cap} bytes free, the {kind} needs "
                               f"{data_bytes}", code="STORAGE.1012")
+    sock_fd = _socket_fd(request)
+    try:
+        return await _receive(plugin, request, kind, st, obj, path, fmt, alg, meta, file_size, sock_fd)
+    finally:
+        plugin.writer_spare.prime_soon()
+
+
+async def _receive(plugin: "StoragePlugin", request: web.Request, kind: str, st: "Storage", obj: str,
+                   path: str, fmt: str, alg: str, meta: dict, file_size: int,
+                   sock_fd: int | None) -> web.StreamResponse:
     with plugin.busy(st, obj):
-        found = await plugin.fs(st, "lookup", path=path)
-        if found.get("exists"):
-            raise errors.Conflict(f"{path} already exists on primary storage {st.uuid}",
-                                  code="STORAGE.1009")
-        await plugin.fs(st, "mkdirs", path=path)
         writer = Writer(st.uuid, st.root, temp_name(path, plugin.tag), alg, "stream",
-                        plugin.conf.migration_stall_seconds)
-        await writer.start()
+                        plugin.conf.migration_stall_seconds, sock_fd=sock_fd)
+        starting = asyncio.ensure_future(writer.start(plugin.writer_spare))   # meanwhile, the checks
         try:
-            got = 0
-            while True:
-                chunk = await request.content.readany()
-                if not chunk:
-                    break
-                await writer.feed(chunk)
-                got += len(chunk)
-            if got != request.content_length:
-                raise errors.BadRequest(f"the stream ended after {got} of {request.content_length} "
-                                        "bytes", code="STORAGE.1001")
-            report = await writer.report()
+            found = await plugin.fs(st, "lookup", path=path)
+            if found.get("exists"):
+                raise errors.Conflict(f"{path} already exists on primary storage {st.uuid}",
+                                      code="STORAGE.1009")
+            await plugin.fs(st, "mkdirs", path=path)
+            await starting
+        except BaseException:
+            await asyncio.gather(starting, return_exceptions=True)   # a spawn at most: quick
+            await writer.abort()
+            raise
+        handed_over = False
+        try:
+            if sock_fd is not None:
+                # From here the writer reads the body from the connection itself.
+                prefix = _take_over(request)
+                handed_over = True
+                await writer.begin(prefix, request.content_length)
+                report = await writer.report()     # it read exactly Content-Length, or failed
+            else:
+                await writer.begin()
+                got = 0
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    await writer.feed(chunk)
+                    got += len(chunk)
+                if got != request.content_length:
+                    raise errors.BadRequest(f"the stream ended after {got} of "
+                                            f"{request.content_length} bytes", code="STORAGE.1001")
+                report = await writer.report()
             if not report.get("claimed") or report["digest"] != report["claimed"]:
                 raise errors.BadRequest(f"checksum mismatch: the sender says {report.get('claimed')}, "
                                         f"the data received is {report['digest']}", code="STORAGE.1541")
             if report["size"] != file_size:
                 raise errors.BadRequest("the stream's file size disagrees with X-File-Size",
                                         code="STORAGE.1001")
-            infos = await volumes.info(plugin.runner, writer.tmp_path, fmt,
-                                       plugin.conf.qemu_img_timeout_seconds, chain=False)
+            if fmt == "raw":
+                # what qemu-img info -f raw would say (a raw file has nothing more to read)
+                infos = [{"virtual-size": report["size"], "actual-size": report.get("allocated")}]
+            else:
+                infos = await volumes.info(plugin.runner, writer.tmp_path, fmt,
+                                           plugin.conf.qemu_img_timeout_seconds, chain=False)
             backing = volumes.backing_of(infos)
             image_uuid = None
             if backing:
                 image_uuid = await plugin.check_backing(st, path, backing, meta.get("imageUuid"), kind)
             await volumes.check(plugin.runner, writer.tmp_path, fmt, plugin.conf.qemu_img_timeout_seconds)
             await writer.commit(path)
+        except errors.ApiError as e:
+            await writer.abort()
+            if writer.left_temp:          # killed (OOM, an operator): its file goes now
+                plugin.remove_later(st, writer.tmp_rel)
+            if not handed_over:
+                raise
+            # The body was not read through aiohttp: answer here, and close the connection
+            # (it would otherwise wait for the body's remaining bytes).
+            return _closing(web.json_response(e.body(), status=e.status))
         except BaseException:
             await writer.abort()
             raise
@@ -372,4 +428,48 @@ async def receive(plugin: "StoragePlugin", request: web.Request, kind: str) -> w
                            checksum=meta.get("checksum"), checksum_type=meta.get("checksumType"))
             await plugin.registry.save_image(row)
             inv = plugin.image_inventory(st, row)
-    return web.json_response({"inventory": inv})
+    resp = web.json_response({"inventory": inv})
+    return _closing(resp) if sock_fd is not None else resp
+
+
+def _socket_fd(request: web.Request) -> int | None:
+    """The descriptor of the request's connection when the writer can read the body from it
+    itself: plain TCP (or a unix socket), not TLS, an identity-encoded Content-Length body."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("sslcontext") is not None \
+            or transport.get_extra_info("ssl_object") is not None:
+        return None
+    if request.headers.get("Content-Encoding", "identity") != "identity" \
+            or request.headers.get("Transfer-Encoding") or request.headers.get("Expect") \
+            or request.content_length is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM \
+            or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return None
+    return sock.fileno()
+
+
+def _take_over(request: web.Request) -> bytes:
+    """Stop aiohttp reading the connection; return the body bytes it had read already.
+
+    No await in here: the event loop cannot read from the socket between the last
+    drain and the pause.  Draining the buffer can make aiohttp feed its parser's
+    held-back bytes into it (resume_reading), so it loops until nothing is left.
+    The body is then marked complete for aiohttp (no lingering read of it after the
+    answer) and reading stays paused; the answer closes the connection."""
+    content = request.content
+    chunks = []
+    while data := content.read_nowait(-1):
+        chunks.append(data)
+    protocol = request.protocol
+    if protocol.transport is None:
+        raise errors.BadRequest("the sender closed the connection", code="STORAGE.1001")
+    content.feed_eof()            # resumes reading, which the next line undoes before any read
+    protocol.pause_reading()
+    return b"".join(chunks)
+
+
+def _closing(resp: web.StreamResponse) -> web.StreamResponse:
+    resp.force_close()
+    return resp

@@ -45,7 +45,7 @@ class StorageSettings(WireModel):
     download_stall_seconds: float = Field(120.0, gt=0, description="no data for this long fails")
     migration_timeout_seconds: float = Field(24 * 3600.0, gt=0)
     migration_stall_seconds: float = Field(120.0, gt=0)
-    migration_checksum: Literal["sha256", "sha1", "sha512", "blake2b", "md5"] = "sha256"
+    migration_checksum: Literal["xxh3_128", "sha256", "sha1", "sha512", "blake2b", "md5"] = "xxh3_128"
     tls_ca_file: str | None = Field(None, description="CA bundle for https downloads and migrations")
 
     @field_validator("nfs_mount_root", "tls_ca_file")
