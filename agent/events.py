@@ -10,19 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from .db import Database
+from .models import utcnow_iso
 from .outbox import Outbox, insert
 
 KV_TARGET = "events.target"
 LOCAL_LOG_SECONDS = 24 * 3600
 QUEUE_SIZE = 1000
-
-
-def utcnow_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class EventBus:

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from . import errors, outbox
 from .db import Database
-from .events import utcnow_iso
+from .models import iso, utcnow_iso  # noqa: F401 (iso: used by plugins too)
 from .outbox import Outbox
 
 log = logging.getLogger("node_agent.jobs")
@@ -29,13 +29,6 @@ RUNNING, SUCCEEDED, FAILED = "Running", "Succeeded", "Failed"
 INTERRUPTED = "JOB.1001"
 CANCELLED = "JOB.1002"
 PROGRESS_WRITE_INTERVAL = 1.0
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JobContext:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -17,6 +19,17 @@ class WireModel(BaseModel):
 
 class Empty(WireModel):
     """An action without parameters."""
+
+
+def iso(ts: float | None) -> str | None:
+    """A Unix time as the wire writes timestamps: ISO 8601 UTC, milliseconds, Z."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow_iso() -> str:
+    return iso(time.time())
 
 
 def dump(value: Any) -> Any:

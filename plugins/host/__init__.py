@@ -13,7 +13,7 @@ import time
 from pydantic import Field, HttpUrl
 
 from agent import errors
-from agent.models import Empty, WireModel
+from agent.models import Empty, WireModel, utcnow_iso
 from agent.plugin import Plugin, action, get
 
 from . import facts, osupdate
@@ -101,7 +101,7 @@ class HostPlugin(Plugin):
         """The controller registers itself; events are pushed to it from now on."""
         conn = HostConnection(host_uuid=params.host_uuid.replace("-", "").lower(),
                               management_server_url=str(params.management_server_url),
-                              connected_date=facts_now(), version=self.agent.version)
+                              connected_date=utcnow_iso(), version=self.agent.version)
         await self.agent.db.kv_set(KV_CONNECTION, conn.model_dump(by_alias=True))
         await self.agent.events.set_target(conn.management_server_url, conn.host_uuid)
         await self.agent.events.publish("HostConnected", {"version": self.agent.version})
@@ -112,7 +112,7 @@ class HostPlugin(Plugin):
         """Re-establish the registration: events resume to the same controller."""
         saved = await self.agent.db.kv_get(KV_CONNECTION)
         conn = HostConnection.model_validate(saved)
-        conn.connected_date, conn.version = facts_now(), self.agent.version
+        conn.connected_date, conn.version = utcnow_iso(), self.agent.version
         await self.agent.db.kv_set(KV_CONNECTION, conn.model_dump(by_alias=True))
         await self.agent.events.set_target(conn.management_server_url, conn.host_uuid)
         # The controller is back: what is pending goes out now, not at its backoff.
@@ -175,8 +175,3 @@ class HostPlugin(Plugin):
     @update_host_os.check
     async def _update_check(self, params: osupdate.UpdateHostOS) -> None:
         osupdate.check(params)
-
-
-def facts_now() -> str:
-    from agent.events import utcnow_iso
-    return utcnow_iso()

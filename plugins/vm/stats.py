@@ -17,12 +17,12 @@ import asyncio
 import logging
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import errors
+from agent.models import iso
 
 from .states import state_name
 
@@ -41,10 +41,6 @@ def nowait_flag() -> int:
     except ImportError:
         return 0
     return getattr(libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0)
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def entry_from(uuid: str, name: str, st: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +220,7 @@ class StatsSampler:
         for e in self.entries.values():
             d = {k: v for k, v in e.items() if k[0] != "_"}
             d["ageSeconds"] = round(now - e["_mono"], 3)
-            d["sampleDate"] = _iso(e["_wall"])
+            d["sampleDate"] = iso(e["_wall"])
             out.append(d)
         return out
 
