@@ -139,6 +139,9 @@ async def release_startup_memory(delay: float = 1.0) -> None:
     system (glibc keeps freed heap memory otherwise): ~2-3 MB of RSS."""
     await asyncio.sleep(delay)
     gc.collect()
+    # What is left from start-up lives as long as the agent: out of the
+    # collector's sight, a full collection later takes ~1 ms instead of ~20.
+    gc.freeze()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):     # not glibc: nothing to trim

@@ -31,8 +31,9 @@ class ServerConfig(_Section):
     tls_client_ca: Path | None = None
     max_body_bytes: int = Field(16 << 20, ge=1024)
     max_wait_seconds: float = Field(60.0, gt=0, le=600)
-    # "auto": uvloop when it is installed (about 10% less CPU per request), else asyncio's.
-    event_loop: str = "auto"
+    # asyncio's own loop by default; "uvloop" (or "auto": uvloop when installed) spends
+    # about 10% less CPU per request under load but adds ~2.3 MB of RSS.
+    event_loop: str = "asyncio"
 
     @field_validator("event_loop")
     @classmethod

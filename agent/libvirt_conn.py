@@ -10,29 +10,50 @@ second or two and the domain-event subscriptions are registered again.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from . import errors
+from .lazy import lazy_import
 from .runner import Runner
 
 log = logging.getLogger("node_agent.libvirt")
 T = TypeVar("T")
 
+
+# The binding and what it links (gnutls, glib, libxml2, ICU...) cost ~12 MB of
+# RSS: a storage or PXE node without libvirtd never loads it, a hypervisor
+# loads it once libvirtd's socket is there (see load_binding).
 try:
-    import libvirt
-    import libvirtaio
+    libvirt = lazy_import("libvirt")
+    if importlib.util.find_spec("libvirtaio") is None:
+        raise ImportError("No module named 'libvirtaio'")
 except ImportError as e:     # the plugins that need it report it as their reason
     libvirt = None
-    libvirtaio = None
     IMPORT_ERROR: str | None = f"the libvirt Python binding is missing ({e}); install python3-libvirt"
 else:
     IMPORT_ERROR = None
 
+libvirtaio: Any = None
+_load_lock = threading.Lock()
 _event_impl_registered = False
 NUDGE = 0.1      # seconds; see LibvirtConnection._nudge_loop
+
+
+def load_binding() -> None:
+    """Really import libvirt and libvirtaio (blocking: run it in a runner thread,
+    so that the loop does not wait ~50 ms for the libraries to load)."""
+    global libvirtaio
+    with _load_lock:
+        if libvirtaio is None:
+            libvirt.registerErrorHandler(_quiet, None)
+            import libvirtaio as aio
+            libvirtaio = aio
 
 
 def register_event_impl() -> None:
@@ -41,6 +62,19 @@ def register_event_impl() -> None:
     if not _event_impl_registered and libvirtaio is not None:
         libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
         _event_impl_registered = True
+
+
+def local_sockets(uri: str) -> list[str] | None:
+    """The unix sockets a local system URI connects through, or None when only
+    libvirt itself can tell (remote, session, test and other drivers)."""
+    parts = urlsplit(uri)
+    sockets = parse_qs(parts.query).get("socket")
+    if sockets:
+        return sockets[:1]
+    if parts.scheme in ("qemu", "qemu+unix") and not parts.netloc and parts.path == "/system":
+        # modular daemons (virtqemud) or the monolithic libvirtd, socket-activated or not
+        return ["/run/libvirt/virtqemud-sock", "/run/libvirt/libvirt-sock"]
+    return None
 
 
 def _quiet(_ctx: Any, _err: Any) -> None:
@@ -80,8 +114,6 @@ class LibvirtConnection:
         """Start keeping the connection open (idempotent; pair with release())."""
         self._users += 1
         if self._task is None and libvirt is not None:
-            libvirt.registerErrorHandler(_quiet, None)
-            register_event_impl()
             self._task = asyncio.create_task(self._keep_connected(), name="libvirt-connection")
             self._nudger = asyncio.create_task(self._nudge_loop(), name="libvirt-nudge")
 
@@ -205,9 +237,15 @@ class LibvirtConnection:
             self._wake.set()
 
     async def _keep_connected(self) -> None:
+        sockets = local_sockets(self.uri)
         while True:
             if self.conn is None:
-                await self._connect()
+                # A stat on /run, not a connect: while libvirtd is not running
+                # the binding need not even be loaded.
+                if sockets and not any(os.path.exists(p) for p in sockets):
+                    self._set(None, f"libvirtd is not running (no socket at {' or '.join(sockets)})")
+                else:
+                    await self._connect()
             else:
                 try:
                     alive = await self.runner.call(self.conn.isAlive, timeout=5)
@@ -224,6 +262,12 @@ class LibvirtConnection:
                 pass
 
     async def _connect(self) -> None:
+        try:
+            await self.runner.call(load_binding, timeout=60)
+        except Exception as e:
+            self._set(None, f"the libvirt Python binding cannot be loaded: {type(e).__name__}: {e}")
+            return
+        register_event_impl()
         try:
             conn = await self.runner.call(libvirt.open, self.uri, timeout=10)
         except Exception as e:

@@ -26,7 +26,7 @@ from .context import AgentContext
 from .jobs import JobMeta
 from .models import dump
 from .plugin import Plugin, Route
-from .query import QuerySpec, run_query
+from .query import FrozenItems, run_query, spec_for
 
 log = logging.getLogger("node_agent.server")
 
@@ -151,7 +151,7 @@ class Dispatcher:
                                          code="SYS.1504")
 
     def read_handler(self, plugin: Plugin, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        spec = QuerySpec.from_model(route.query_model) if route.query_model else None
+        query_model = route.query_model
         extra = ({f.alias or n for n, f in route.query_params.model_fields.items()}
                  if route.query_params else set())
         # Decided once here, not per request: reads like ping are the hot path.
@@ -168,8 +168,15 @@ class Dispatcher:
             if has_params:
                 kwargs["params"] = query_string_params(route, request)
             result = await func(plugin, **kwargs)
-            if spec is not None:
-                return json_response(run_query(dump(result), request.query, spec, extra_params=extra))
+            if query_model is not None:
+                if isinstance(result, FrozenItems):     # rendered once per query string
+                    # The raw string: the decoded one can be the same for two queries.
+                    return web.Response(body=result.reply(request.rel_url.raw_query_string,
+                                                          request.query, spec_for(query_model),
+                                                          extra),
+                                        content_type="application/json", charset="utf-8")
+                return json_response(run_query(dump(result), request.query, spec_for(query_model),
+                                               extra_params=extra))
             if isinstance(result, BaseModel):
                 return model_response(result)
             return json_response(dump(result))

@@ -13,7 +13,11 @@ In-process, with the plugin's own functions:
   inventory dicts (``take_snapshot`` + ``build_view``).  "Cold" is the agent's
   cache, not the kernel's: the files are in the page cache, as sysfs always is;
 * **cached**: the read path of ``GET /v1/pci-devices`` with a warm cache: the
-  cached view, the query API (``run_query`` over ``dump``) and the JSON encoding.
+  cached view's ``FrozenItems.reply``, which runs the query API and the JSON
+  encoding on the first read of a view for a query string and keeps the body
+  for the next ones (until a rescan or an attach/detach makes a new view).
+  Both are measured: "first read" (a fresh ``FrozenItems`` each round, as a new
+  view has) and the kept body.
 
 Through HTTP, a real agent on the tree (libvirt unreachable, so no domain reads):
 
@@ -32,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -47,8 +50,7 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import sysfs_fixtures  # noqa: E402
-from agent.models import dump  # noqa: E402
-from agent.query import QuerySpec, run_query  # noqa: E402
+from agent.query import FrozenItems, QuerySpec  # noqa: E402
 from plugins.devices import (PciDeviceInventory, UsbDeviceInventory, build_view,  # noqa: E402
                              pci, take_snapshot, usb)
 
@@ -83,16 +85,18 @@ def in_process(root: str, rounds: int) -> list[tuple[str, dict[str, float], floa
                  COLD_TARGET_MS))
     view = build_view(take_snapshot(root, PCI_IDS), {}, [], "h")
     pspec, uspec = QuerySpec.from_model(PciDeviceInventory), QuerySpec.from_model(UsbDeviceInventory)
-    rows.append(("cached: PCI list, query API + JSON (1000 items)",
-                 timed(lambda: json.dumps(run_query(dump(view.pci_list), {}, pspec)), rounds),
-                 CACHED_TARGET_MS))
-    rows.append(("cached: PCI query q=driver=vfio-pci&limit=10 + JSON",
-                 timed(lambda: json.dumps(run_query(dump(view.pci_list), {"q": ["driver=vfio-pci"],
-                                                                        "limit": ["10"]}, pspec)),
-                       rounds), CACHED_TARGET_MS))
-    rows.append(("cached: USB list, query API + JSON (200 items)",
-                 timed(lambda: json.dumps(run_query(dump(view.usb_list), {}, uspec)), rounds),
-                 CACHED_TARGET_MS))
+    filtered = ("q=driver%3Dvfio-pci&limit=10", {"q": ["driver=vfio-pci"], "limit": ["10"]})
+    for label, items, (qs, params), spec in (
+            ("PCI list (1000 items)", view.pci_list, ("", {}), pspec),
+            ("PCI query q=driver=vfio-pci&limit=10", view.pci_list, filtered, pspec),
+            ("USB list (200 items)", view.usb_list, ("", {}), uspec)):
+        # The first read of a view renders the body (query API + JSON; no dump(): the
+        # inventories are JSON-ready); later reads of the same view reuse it.
+        rows.append((f"cached view, first read: {label}, query API + JSON",
+                     timed(lambda: FrozenItems(items).reply(qs, params, spec), rounds),
+                     CACHED_TARGET_MS))
+        rows.append((f"cached: {label}, body kept on the view",
+                     timed(lambda: items.reply(qs, params, spec), rounds), CACHED_TARGET_MS))
     return rows
 
 
@@ -163,9 +167,12 @@ def machine() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "plugins/devices"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        commit += " + uncommitted plugins/devices" if dirty else ""
+        # The read path runs through the core too (agent/query.py, agent/server.py).
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "plugins/devices", "agent"],
+                               capture_output=True, text=True, timeout=5).stdout.splitlines()
+        if dirty:
+            commit += " + uncommitted " + ", ".join(sorted(line[3:] for line in dirty))
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     load = os.getloadavg()

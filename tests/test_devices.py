@@ -20,10 +20,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yarl
 
 import sysfs_fixtures as fx
 from conftest import run_job, submit, wait_job
 from libvirt_fixture import libvirtd  # noqa: F401  (the session fixture)
+from agent.errors import BadRequest
+from agent.models import dump
+from agent.query import QuerySpec, run_query
 from plugins.devices import (PciDeviceInventory, UsbDeviceInventory, build_view, candidates,
                              hostdev, pci, take_snapshot, usb)
 
@@ -116,6 +120,9 @@ def test_sriov_parent_and_children(gpu_tree):
         d = devs[vf]
         assert (d.physfn, d.vendor_id, d.device_id, d.driver) == (fx.NIC_PF, "8086", "154c", "iavf")
         assert d.iommu_group == 52 + i and d.virtfns == [] and d.sriov_total_vfs is None
+    # scan() takes a VF's PF from the PF's virtfn links; alone, a VF reads its physfn link.
+    assert pci.read_device(str(gpu_tree.root), fx.NIC_VFS[1]) == devs[fx.NIC_VFS[1]]
+    assert pci.read_device(str(gpu_tree.root), fx.NIC_PF) == pf
     inv = view_of(gpu_tree).pci
     assert inv[fx.NIC_VFS[0]]["sriovPhysicalFunction"] == fx.NIC_PF
     assert inv[fx.NIC_PF]["sriovVirtualFunctions"] == fx.NIC_VFS
@@ -227,6 +234,26 @@ def test_the_real_host_scans():
         assert {i["statusReason"] for i in view.pci_list} == {"IOMMU is not active"}
 
 
+def test_list_bodies_are_kept_per_view(gpu_tree):
+    """The list routes return FrozenItems: each body is rendered once per view and query
+    string, byte for byte what the generic path (dump, run_query, json.dumps) gives."""
+    spec = QuerySpec.from_model(PciDeviceInventory)
+    view = view_of(gpu_tree)
+    for qs, params in (("", {}), ("q=type%3DGPU&limit=2", {"q": ["type=GPU"], "limit": ["2"]}),
+                       ("fields=pciDeviceAddress,status&sort=-iommuGroup",
+                        {"fields": ["pciDeviceAddress,status"], "sort": ["-iommuGroup"]}),
+                       ("count=true", {"count": ["true"]})):
+        body = view.pci_list.reply(qs, params, spec)
+        assert body == json.dumps(run_query(dump(list(view.pci_list)), params, spec)).encode()
+        assert view.pci_list.reply(qs, params, spec) is body
+    with pytest.raises(BadRequest):                      # refused, and nothing kept
+        view.pci_list.reply("q=bogus%3D1", {"q": ["bogus=1"]}, spec)
+    # Another view (a rescan, an attach...) starts with none: its statuses are its own.
+    attached = view_of(gpu_tree, pci_attached={fx.GPU0: "a" * 32})
+    body = json.loads(attached.pci_list.reply("", {}, spec))
+    assert body["inventories"][list(attached.pci).index(fx.GPU0)]["status"] == "Attached"
+
+
 # --- 2. the USB scanner -------------------------------------------------------------------
 
 def test_usb_every_field(gpu_tree):
@@ -310,6 +337,15 @@ async def test_inventory_over_http_without_libvirt(agent_factory, http, gpu_tree
 
     status, body = await get(http, agent, "/v1/pci-devices", replyWithCount="true")
     assert status == 200 and body["total"] == 26
+    async with http.get(agent.url + "/v1/pci-devices", headers=agent.headers) as r:
+        assert r.headers["Content-Type"] == "application/json; charset=utf-8"
+    # Bodies are kept by the query string as sent: an escaped '&' is another query.
+    for raw, want in (("q=type%3DGPU&count=true", {"total": 3}),
+                      ("q=type%3DGPU%26count%3Dtrue", {"inventories": []}),
+                      ("q=type%3DGPU&count=true", {"total": 3})):
+        url = yarl.URL(f"{agent.url}/v1/pci-devices?{raw}", encoded=True)
+        async with http.get(url, headers=agent.headers) as r:
+            assert (r.status, await r.json()) == (200, want), raw
     assert body["inventories"][0]["pciDeviceAddress"] == fx.HOST_BRIDGE
     status, body = await get(http, agent, "/v1/pci-devices", q="type=GPU",
                              fields="pciDeviceAddress,status", sort="-pciDeviceAddress")
@@ -438,6 +474,9 @@ async def test_refresh_parameter_rescans_now(agent_factory, http, tmp_path):
     assert body == {"total": 2}                          # the cache, an hour old at most
     status, body = await get(http, agent, "/v1/pci-devices", q="driver=vfio-pci", count="true",
                              refresh="true")
+    assert body == {"total": 4}
+    # The body kept for this query string went with the old view.
+    status, body = await get(http, agent, "/v1/pci-devices", q="driver=vfio-pci", count="true")
     assert body == {"total": 4}
     status, body = await get(http, agent, "/v1/pci-devices/candidates")
     assert {fx.GPU1, fx.GPU1_AUDIO} <= {i["pciDeviceAddress"] for i in body["inventories"]}
@@ -618,6 +657,48 @@ async def test_pci_attach_detach_config_only(agent_factory, http, gpu_tree, libv
     assert "<hostdev" not in config_xml(vm)
     status, body = await submit(http, agent, "PUT", path, {"detachPciDeviceFromVm": {}})
     assert (status, body["error"]["code"]) == (409, "PCI.1012")
+
+
+async def test_kept_list_bodies_follow_attach_and_detach(agent_factory, http, gpu_tree,
+                                                         libvirtd, lv):  # noqa: F811
+    """List bodies are kept per view: every status change must show in them at once."""
+    conn, make = lv
+    agent = await libvirt_agent(agent_factory, libvirtd, gpu_tree, http)
+    vm = make("kept")
+    path = f"/v1/pci-devices/{fx.GPU0}/actions"
+
+    async def listed() -> tuple:
+        _, full = await get(http, agent, "/v1/pci-devices")
+        _, held = await get(http, agent, "/v1/pci-devices", q="status=Attached",
+                            fields="pciDeviceAddress,vmInstanceUuid")
+        mine = next(i for i in full["inventories"] if i["pciDeviceAddress"] == fx.GPU0)
+        return (mine["status"], mine["vmInstanceUuid"]), held["inventories"]
+
+    async def settled(want: tuple, timeout: float = 0.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (got := await listed()) != want and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert got == want
+        assert await listed() == want           # and again, from the kept bodies
+
+    free = (("Free", None), [])
+    held = (("Attached", hex_of(vm)), [{"pciDeviceAddress": fx.GPU0, "vmInstanceUuid": hex_of(vm)}])
+    await settled(free)
+    status, body = await run_job(http, agent, "PUT", path,
+                                 {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(vm)}})
+    assert status == 200, body
+    await settled(held)
+    status, body = await run_job(http, agent, "PUT", path, {"detachPciDeviceFromVm": {}})
+    assert status == 200, body
+    await settled(free)
+    # Behind the agent's back: libvirt's event (or the 5 s age limit) makes a new view.
+    status, body = await run_job(http, agent, "PUT", path,
+                                 {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(vm)}})
+    assert status == 200, body
+    await settled(held)
+    el = ET.fromstring(config_xml(vm)).find("devices/hostdev[@type='pci']")
+    vm.detachDeviceFlags(ET.tostring(el, encoding="unicode"), 2)   # VIR_DOMAIN_AFFECT_CONFIG
+    await settled(free, timeout=10)
 
 
 async def test_usb_attach_detach_config_only(agent_factory, http, gpu_tree, libvirtd, lv):  # noqa: F811

@@ -53,9 +53,15 @@ def test_request_metrics_expose_what_prometheus_client_would(render):
 
 
 def test_event_loop_setting(tmp_path):
+    from agent.cli import _loop_factory
     cfg = tmp_path / "a.toml"
-    cfg.write_text('[server]\nevent_loop = "asyncio"\n')
-    assert load_config(cfg, {}).server.event_loop == "asyncio"
+    cfg.write_text("")
+    assert load_config(cfg, {}).server.event_loop == "asyncio"   # the default: less memory
+    assert _loop_factory("asyncio") is None
+    cfg.write_text('[server]\nevent_loop = "uvloop"\n')
+    assert load_config(cfg, {}).server.event_loop == "uvloop"
+    import uvloop
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
     cfg.write_text('[server]\nevent_loop = "fastest"\n')
     with pytest.raises(ConfigError, match="event_loop"):
         load_config(cfg, {})

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -540,18 +541,28 @@ async def test_libvirtd_restart_under_the_agent(agent_factory, http, libvirtd, l
         lv2.close()
 
 
-async def test_libvirt_unreachable_at_start(agent_factory, http, tmp_path):
-    uri = f"qemu+unix:///system?socket={tmp_path}/no-such-sock"
-    agent = agent_factory(vm_config(uri)).start()
-    vm = await health_vm(http, agent)
-    for _ in range(50):
+async def wait_libvirt_reason(http, agent, text: str) -> dict:
+    for _ in range(100):
         vm = await health_vm(http, agent)
-        if "cannot connect" in (vm["capabilities"]["libvirt"]["reason"] or ""):
-            break
+        if text in (vm["capabilities"]["libvirt"]["reason"] or ""):
+            return vm
         await asyncio.sleep(0.05)
+    raise AssertionError(f"no '{text}' in the libvirt capability: {vm}")
+
+
+def loaded_libvirt(pid: int) -> bool:
+    return "libvirt.so" in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_libvirt_unreachable_at_start(agent_factory, http, tmp_path):
+    sock = tmp_path / "no-such-sock"
+    agent = agent_factory(vm_config(f"qemu+unix:///system?socket={sock}")).start()
+    vm = await wait_libvirt_reason(http, agent, "libvirtd is not running")
     assert vm["available"] is True
     cap = vm["capabilities"]["libvirt"]
     assert cap["available"] is False and "unreachable" in cap["reason"] and "no-such-sock" in cap["reason"]
+    # Without a daemon to talk to, the binding (~12 MB) is not even loaded.
+    assert not loaded_libvirt(agent.proc.pid)
     for path in ("/v1/vm-instances", "/v1/vm-instances/stats", f"/v1/vm-instances/{uuidlib.uuid4().hex}"):
         status, body = await get(http, agent, path)
         assert status == 503 and "libvirt" in body["error"]["description"], (path, body)
@@ -560,6 +571,15 @@ async def test_libvirt_unreachable_at_start(agent_factory, http, tmp_path):
     assert status == 503
     status, body = await get(http, agent, "/v1/host/ping")
     assert status == 200
+
+    # A socket appears (a stale one: nobody listens): now the agent loads the
+    # binding and tries, and says what libvirt answered.
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.close()
+    vm = await wait_libvirt_reason(http, agent, "cannot connect")
+    assert vm["capabilities"]["libvirt"]["available"] is False
+    assert loaded_libvirt(agent.proc.pid)
 
 
 # ------------------------------------------------------------------ libvirt's test driver
@@ -655,3 +675,12 @@ def test_domain_type_choice_and_escaping():
     root = ET.fromstring(domxml.render(s, "0" * 31 + "1", "kvm", "x86_64"))
     assert root.findtext("name") == "x'\"><evil>&amp;" and root.find("evil") is None
     assert root.findtext("description") == "</description><devices/>"
+
+
+def test_which_uris_wait_for_a_socket():
+    from agent.libvirt_conn import local_sockets
+    assert local_sockets("qemu:///system") == ["/run/libvirt/virtqemud-sock", "/run/libvirt/libvirt-sock"]
+    assert local_sockets("qemu+unix:///system?socket=/tmp/x/sock") == ["/tmp/x/sock"]
+    for uri in ("qemu:///session", "test:///default", "qemu+ssh://root@peer/system",
+                "qemu+tcp://10.0.0.2/system"):
+        assert local_sockets(uri) is None, uri

@@ -36,6 +36,17 @@ async def test_auth_oauth_bearer_missing_wrong(agent, http):
     assert set(body) == {"hostUuid", "version", "uptime"}
 
 
+async def test_uvloop_when_asked_for(agent_factory, http):
+    agent = agent_factory({"server": {"event_loop": "uvloop"}, "host": {"allow_run_shell": True}}).start()
+    async with http.get(agent.url + "/v1/host/ping", headers=agent.headers) as r:
+        assert r.status == 200
+    status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
+                                 {"kvmRunShell": {"script": "echo hi"}})
+    status, result = await wait_job(http, agent, reply["location"])
+    assert status == 200 and result["stdout"] == "hi\n"
+    assert "uvloop" in open(f"/proc/{agent.proc.pid}/maps").read()
+
+
 async def test_action_is_a_job_202_then_200(agent, http):
     status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
                                  {"kvmRunShell": {"script": "echo hello; echo oops >&2; exit 3"}})

@@ -158,9 +158,11 @@ def group_members(devices: dict[str, PciDevice]) -> dict[int, list[str]]:
 
 
 def assess_pci(devices: dict[str, PciDevice], iommu_on: bool, critical: dict[str, str],
-               attached: dict[str, str]) -> dict[str, Assessment]:
-    """The status of every PCI function."""
-    members = group_members(devices)
+               attached: dict[str, str],
+               members: dict[int, list[str]] | None = None) -> dict[str, Assessment]:
+    """The status of every PCI function (members: group_members(devices), if at hand)."""
+    if members is None:
+        members = group_members(devices)
     out = {}
     for addr, dev in devices.items():
         vm = attached.get(addr)

@@ -11,9 +11,11 @@ generated tree in the tests).
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import threading
+from array import array
 from dataclasses import dataclass, field
 
 ADDRESS_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -137,27 +139,37 @@ def _pair(value: str) -> tuple[str | None, str | None]:
 
 
 def read_device(root: str, address: str) -> PciDevice | None:
-    """One function's facts, or None when it is gone (or not a PCI function).
-
-    The ids, class and driver come from one read of ``uevent`` (the kernel's
-    PCI_ID, PCI_SUBSYS_ID, PCI_CLASS, DRIVER); the rest is probed by name
-    relative to the open directory: about eight system calls per function
-    and no directory listing.
-    """
-    link = os.path.join(root, PCI_DEVICES, address)
+    """One function's facts, or None when it is gone (or not a PCI function)."""
+    base = os.path.join(root, PCI_DEVICES)
     try:
-        dfd = os.open(link, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return _read_at(link, address, dfd)
+        return _read(address, bfd, base)
     finally:
-        os.close(dfd)
+        os.close(bfd)
 
 
-def _read_at(link: str, address: str, dfd: int) -> PciDevice | None:
+def _read(address: str, bfd: int, base: str, pf: str | None = None) -> PciDevice | None:
+    """One function, by name in the bus's device directory base, open as bfd.
+
+    The ids, class and driver come from one read of ``uevent`` (the kernel's
+    PCI_ID, PCI_SUBSYS_ID, PCI_CLASS, DRIVER); the rest is probed by name:
+    about eleven system calls per function and no directory listing.  Files
+    are opened through the link's target (``../../../devices/pci0000:00/...``,
+    read anyway for the parent bridge) relative to bfd, which spares opening
+    and closing each device's directory.  pf: the PF whose virtfn<N> link
+    names this function, when the caller has read it (then its physfn link
+    is not read again).
+    """
+    try:
+        target = os.readlink(address, dir_fd=bfd)
+    except OSError:         # not a link (or gone: then every read below fails)
+        target = address
+    d = target + "/"
     vendor = device = subvendor = subdevice = cls = driver = None
-    for line in (read_at("uevent", dfd) or "").splitlines():
+    for line in (read_at(d + "uevent", bfd) or "").splitlines():
         key, _, value = line.partition("=")
         if key == "PCI_ID":
             vendor, device = _pair(value)
@@ -168,59 +180,64 @@ def _read_at(link: str, address: str, dfd: int) -> PciDevice | None:
         elif key == "DRIVER":
             driver = value or None
     if vendor is None or device is None or cls is None:     # no uevent: the attribute files
-        vendor, device = _hex(read_at("vendor", dfd), 4), _hex(read_at("device", dfd), 4)
-        cls = _hex(read_at("class", dfd), 6)
+        vendor, device = _hex(read_at(d + "vendor", bfd), 4), _hex(read_at(d + "device", bfd), 4)
+        cls = _hex(read_at(d + "class", bfd), 6)
         if vendor is None or device is None or cls is None:
             return None
-        subvendor = _hex(read_at("subsystem_vendor", dfd), 4)
-        subdevice = _hex(read_at("subsystem_device", dfd), 4)
-        driver = _link_at("driver", dfd)
-    numa = _int(read_at("numa_node", dfd))
-    physfn = _link_at("physfn", dfd)
+        subvendor = _hex(read_at(d + "subsystem_vendor", bfd), 4)
+        subdevice = _hex(read_at(d + "subsystem_device", bfd), 4)
+        driver = _link_at(d + "driver", bfd)
+    numa = _int(read_at(d + "numa_node", bfd))
+    physfn = pf if pf is not None else _link_at(d + "physfn", bfd)
+    chain = target.split("/")
     dev = PciDevice(
         address=address, vendor_id=vendor, device_id=device,
         subvendor_id=subvendor, subdevice_id=subdevice, class_code=cls,
-        revision=_hex(read_at("revision", dfd), 2), driver=driver,
-        iommu_group=_int(_link_at("iommu_group", dfd)),
-        numa_node=numa if numa is not None and numa >= 0 else None, physfn=physfn)
+        revision=_hex(read_at(d + "revision", bfd), 2), driver=driver,
+        iommu_group=_int(_link_at(d + "iommu_group", bfd)),
+        numa_node=numa if numa is not None and numa >= 0 else None, physfn=physfn,
+        parent=chain[-2] if len(chain) >= 2 and ADDRESS_RE.match(chain[-2]) else None)
     bridge_class = cls.startswith("06")
-    total = None if physfn is not None or bridge_class else read_at("sriov_totalvfs", dfd)
+    total = None if physfn is not None or bridge_class else read_at(d + "sriov_totalvfs", bfd)
     if total is not None:                   # an SR-IOV PF: list its virtfn<N> links
         dev.sriov_total_vfs = _int(total)
-        dev.sriov_num_vfs = _int(read_at("sriov_numvfs", dfd))
+        dev.sriov_num_vfs = _int(read_at(d + "sriov_numvfs", bfd))
         try:
-            vfs = [n for n in os.listdir(dfd) if n.startswith("virtfn")]
+            vfs = [n for n in os.listdir(os.path.join(base, target)) if n.startswith("virtfn")]
         except OSError:
             vfs = []
         vfs.sort(key=lambda n: _int(n[6:]) or 0)
-        dev.virtfns = [v for v in (_link_at(n, dfd) for n in vfs) if v]
+        dev.virtfns = [v for v in (_link_at(d + n, bfd) for n in vfs) if v]
     if bridge_class:
         # The kernel shows the bus numbers only on bridges (pci_is_bridge).
-        if read_at("secondary_bus_number", dfd) is not None:
+        if read_at(d + "secondary_bus_number", bfd) is not None:
             dev.header_type = 2 if cls.startswith("0607") else 1
     elif cls.startswith("03"):
-        dev.boot_vga = read_at("boot_vga", dfd) == "1"
-    try:
-        chain = os.readlink(link).split("/")
-    except OSError:
-        chain = []
-    if len(chain) >= 2 and ADDRESS_RE.match(chain[-2]):
-        dev.parent = chain[-2]
+        dev.boot_vga = read_at(d + "boot_vga", bfd) == "1"
     return dev
 
 
 def scan(root: str) -> dict[str, PciDevice]:
     """Every PCI function under root, by address (sorted)."""
+    base = os.path.join(root, PCI_DEVICES)
     try:
-        names = sorted(os.listdir(os.path.join(root, PCI_DEVICES)))
+        bfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return {}
-    found = {}
-    for name in names:
-        dev = read_device(root, name)
-        if dev is not None:
-            found[name] = dev
-    return found
+    try:
+        found = {}
+        # A VF's PF is known from the PF's virtfn<N> links, read first: in address
+        # order a PF comes before its VFs (a VF's routing ID is the PF's plus a
+        # positive offset).  That spares a thousand VFs their physfn link.
+        pf_of: dict[str, str] = {}
+        for name in sorted(os.listdir(bfd)):
+            dev = _read(name, bfd, base, pf_of.get(name))
+            if dev is not None:
+                found[name] = dev
+                pf_of.update(dict.fromkeys(dev.virtfns, name))
+        return found
+    finally:
+        os.close(bfd)
 
 
 def iommu_active(root: str) -> bool:
@@ -252,30 +269,33 @@ def device_type(class_code: str) -> str:
 # -- names from pci.ids (pciutils' database) --------------------------------
 
 class PciIds:
-    """Vendor, device and class names, looked up lazily in a pci.ids text.
+    """Vendor, device and class names from a pci.ids file, read when asked for.
 
-    Loading indexes only the vendor lines (a few ms for the 1.3 MB file);
-    a vendor's device block is parsed the first time it is asked for.
+    The 1.3 MB text is not kept: loading reads it once to index the vendor
+    lines into three small arrays (~30 KB) and the class names; a name is
+    looked up in its vendor's block, read back from the file (pread), the
+    first time it is asked for, and only the answer is kept.  A host asks
+    for a few dozen.
     """
 
-    _VENDOR = re.compile(r"^([0-9a-f]{4})  (.+)$", re.M)
-    _DEVICE = re.compile(r"^\t([0-9a-f]{4})  (.+)$", re.M)
-    _SUBSYS = re.compile(r"^\t\t([0-9a-f]{4}) ([0-9a-f]{4})  (.+)$", re.M)
+    _VENDOR = re.compile(rb"^([0-9a-f]{4})  ", re.M)
+    _CLASS = re.compile(rb"^C [0-9a-f]{2}  ", re.M)
+    _DEVICE = re.compile(r"^\t[0-9a-f]{4}  ", re.M)
 
-    def __init__(self, text: str) -> None:
-        self._text = text
-        cut = re.search(r"^C [0-9a-f]{2}  ", text, re.M)
-        self._class_start = cut.start() if cut else len(text)
-        self._vendors: dict[str, tuple[str, int, int]] = {}
-        prev: tuple[str, str, int] | None = None
-        for m in self._VENDOR.finditer(text, 0, self._class_start):
-            if prev:
-                self._vendors[prev[0]] = (prev[1], prev[2], m.start())
-            prev = (m.group(1), m.group(2), m.end())
-        if prev:
-            self._vendors[prev[0]] = (prev[1], prev[2], self._class_start)
-        self._devices: dict[str, dict[str, tuple[str, int, int]]] = {}
-        self._classes: dict[str, str] | None = None
+    def __init__(self, path: str, text: bytes) -> None:
+        self.path = path
+        cut = self._CLASS.search(text)
+        class_start = cut.start() if cut else len(text)
+        spans = []                               # (vendor id, line start, block end)
+        found = list(self._VENDOR.finditer(text, 0, class_start))
+        for m, nxt in zip(found, found[1:] + [None]):
+            spans.append((int(m.group(1), 16), m.start(), nxt.start() if nxt else class_start))
+        spans.sort()
+        self._vid = array("H", (v for v, _, _ in spans))
+        self._start = array("I", (a for _, a, _ in spans))
+        self._end = array("I", (b for _, _, b in spans))
+        self._classes = self._parse_classes(text[class_start:].decode("utf-8", "replace"))
+        self._names: dict[tuple, tuple[str | None, str | None, str | None]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -283,60 +303,85 @@ class PciIds:
         if not path:
             return None
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return cls(f.read())
+            with open(path, "rb") as f:
+                return cls(path, f.read())
         except OSError:
             return None
 
-    def vendor(self, vid: str) -> str | None:
-        v = self._vendors.get(vid)
-        return v[0] if v else None
+    @staticmethod
+    def _parse_classes(text: str) -> dict[str, str]:
+        classes, base = {}, None
+        for line in text.splitlines():
+            if line.startswith("C "):
+                base = line[2:4]
+                classes[base] = line[6:]
+            elif line.startswith("\t") and not line.startswith("\t\t") and base:
+                classes[base + line[1:3]] = line[5:]
+        return classes
 
-    def _block(self, vid: str) -> dict[str, tuple[str, int, int]]:
-        with self._lock:
-            found = self._devices.get(vid)
-            if found is not None:
-                return found
-            found = {}
-            v = self._vendors.get(vid)
-            if v:
-                prev = None
-                for m in self._DEVICE.finditer(self._text, v[1], v[2]):
-                    if prev:
-                        found[prev[0]] = (prev[1], prev[2], m.start())
-                    prev = (m.group(1), m.group(2), m.end())
-                if prev:
-                    found[prev[0]] = (prev[1], prev[2], v[2])
-            self._devices[vid] = found
-            return found
+    def names(self, vid: str, did: str, svid: str | None = None,
+              sdid: str | None = None) -> tuple[str | None, str | None, str | None]:
+        """(vendor, device, subsystem) names; None for what pci.ids does not know."""
+        key = (vid, did, svid, sdid)
+        found = self._names.get(key)
+        if found is None:
+            found = self._find(vid, did, svid, sdid)
+            with self._lock:
+                self._names[key] = found
+        return found
+
+    def _find(self, vid: str, did: str, svid: str | None,
+              sdid: str | None) -> tuple[str | None, str | None, str | None]:
+        block = self._block(vid)
+        if block is None:
+            return None, None, None
+        vendor = block.partition("\n")[0][6:].strip() or None
+        line = block.find(f"\n\t{did}  ")
+        if line < 0:
+            return vendor, None, None
+        start = line + len(did) + 4
+        end = block.find("\n", start) % (len(block) + 1)     # -1: the block's end
+        subsys = None
+        if svid and sdid:
+            nxt = self._DEVICE.search(block, end)
+            stop = nxt.start() if nxt else len(block)
+            sub = block.find(f"\n\t\t{svid} {sdid}  ", end, stop)
+            if sub >= 0:
+                sub_start = sub + len(svid) + len(sdid) + 6
+                sub_end = block.find("\n", sub_start)
+                subsys = block[sub_start:sub_end if sub_end >= 0 else len(block)]
+        return vendor, block[start:end], subsys
+
+    def _block(self, vid: str) -> str | None:
+        try:
+            key = int(vid, 16)
+        except ValueError:
+            return None
+        i = bisect.bisect_left(self._vid, key)
+        if i == len(self._vid) or self._vid[i] != key:
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, self._end[i] - self._start[i], self._start[i])
+            finally:
+                os.close(fd)
+        except OSError:         # the file went away since: no names, no error
+            return None
+        return data.decode("utf-8", "replace")
+
+    def vendor(self, vid: str) -> str | None:
+        return self.names(vid, "")[0]
 
     def device(self, vid: str, did: str) -> str | None:
-        d = self._block(vid).get(did)
-        return d[0] if d else None
+        return self.names(vid, did)[1]
 
     def subsystem(self, vid: str, did: str, svid: str | None, sdid: str | None) -> str | None:
-        d = self._block(vid).get(did)
-        if not d or not svid or not sdid:
-            return None
-        for m in self._SUBSYS.finditer(self._text, d[1], d[2]):
-            if m.group(1) == svid and m.group(2) == sdid:
-                return m.group(3)
-        return None
+        return self.names(vid, did, svid, sdid)[2]
 
     def class_name(self, code: str) -> str | None:
         """The name lspci shows for a 6-digit class code: its subclass's, else its class's."""
-        with self._lock:
-            if self._classes is None:
-                self._classes = {}
-                base = None
-                for line in self._text[self._class_start:].splitlines():
-                    if line.startswith("C "):
-                        base = line[2:4]
-                        self._classes[base] = line[6:]
-                    elif line.startswith("\t") and not line.startswith("\t\t") and base:
-                        self._classes[base + line[1:3]] = line[5:]
-        c = self._classes
-        return c.get(code[:4]) or c.get(code[:2])
+        return self._classes.get(code[:4]) or self._classes.get(code[:2])
 
 
 _ids_cache: dict[str, PciIds | None] = {}

@@ -61,20 +61,29 @@ def _int(raw: str | None) -> int | None:
 
 def read_device(root: str, name: str) -> UsbDevice | None:
     """One device; bus, device number, ids, class and driver come from ``uevent``."""
-    base = os.path.join(root, USB_DEVICES, name)
     try:
-        dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        bfd = os.open(os.path.join(root, USB_DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return _read_at(base, name, dfd)
+        return _read(name, bfd)
     finally:
-        os.close(dfd)
+        os.close(bfd)
 
 
-def _read_at(base: str, name: str, dfd: int) -> UsbDevice | None:
+def _read(name: str, bfd: int) -> UsbDevice | None:
+    """One device, by name in the bus's device directory open as bfd.
+
+    As for PCI (pci._read), files are opened through the link's target,
+    which is read anyway for the controller, rather than an open directory.
+    """
+    try:
+        target = os.readlink(name, dir_fd=bfd)
+    except OSError:         # not a link (or gone: then every read below fails)
+        target = name
+    d = target + "/"
     ev: dict[str, str] = {}
-    for line in (read_at("uevent", dfd) or "").splitlines():
+    for line in (read_at(d + "uevent", bfd) or "").splitlines():
         k, sep, v = line.partition("=")
         if sep:
             ev[k] = v
@@ -93,9 +102,9 @@ def _read_at(base: str, name: str, dfd: int) -> UsbDevice | None:
         device_class = None
     driver = ev.get("DRIVER") or None
     if bus is None or dev is None or vendor is None:      # no uevent: the attribute files
-        bus, dev = _int(read_at("busnum", dfd)), _int(read_at("devnum", dfd))
-        vendor, product_id = read_at("idVendor", dfd), read_at("idProduct", dfd)
-        device_class = read_at("bDeviceClass", dfd)
+        bus, dev = _int(read_at(d + "busnum", bfd)), _int(read_at(d + "devnum", bfd))
+        vendor, product_id = read_at(d + "idVendor", bfd), read_at(d + "idProduct", bfd)
+        device_class = read_at(d + "bDeviceClass", bfd)
         if bus is None or dev is None or not vendor or not product_id:
             return None
         vendor, product_id = vendor.lower(), product_id.lower()
@@ -106,33 +115,31 @@ def _read_at(base: str, name: str, dfd: int) -> UsbDevice | None:
         parent = name.rsplit(".", 1)[0]
     else:
         parent = f"usb{bus}"
-    try:
-        chain = os.readlink(base).split("/")
-    except OSError:
-        chain = []
-    controller = next((c for c in reversed(chain) if ADDRESS_RE.match(c)), None)
+    controller = next((c for c in reversed(target.split("/")) if ADDRESS_RE.match(c)), None)
     return UsbDevice(
         id=name, bus_num=bus, dev_num=dev, id_vendor=vendor, id_product=product_id,
-        manufacturer=read_at("manufacturer", dfd), product=read_at("product", dfd),
-        serial=read_at("serial", dfd), usb_version=_version(read_at("version", dfd)),
-        speed=read_at("speed", dfd), device_class=device_class,
+        manufacturer=read_at(d + "manufacturer", bfd), product=read_at(d + "product", bfd),
+        serial=read_at(d + "serial", bfd), usb_version=_version(read_at(d + "version", bfd)),
+        speed=read_at(d + "speed", bfd), device_class=device_class,
         port_path=port_path, parent=parent, controller=controller, driver=driver)
 
 
 def scan(root: str) -> dict[str, UsbDevice]:
     """Every USB device (not interface) under root, by id."""
     try:
-        names = os.listdir(os.path.join(root, USB_DEVICES))
+        bfd = os.open(os.path.join(root, USB_DEVICES), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return {}
-    found = {}
-    for name in sorted(names, key=_order):
-        if ":" in name:
-            continue
-        dev = read_device(root, name)
-        if dev is not None:
-            found[name] = dev
-    return found
+    try:
+        found = {}
+        # Interfaces (1-1.2:1.0) are not devices.
+        for name in sorted((n for n in os.listdir(bfd) if ":" not in n), key=_order):
+            dev = _read(name, bfd)
+            if dev is not None:
+                found[name] = dev
+        return found
+    finally:
+        os.close(bfd)
 
 
 def _order(name: str) -> tuple:

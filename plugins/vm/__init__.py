@@ -13,6 +13,7 @@ spec becomes domain XML in ``domxml.py``; lifecycle events become
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 import uuid as uuidlib
@@ -21,10 +22,13 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from agent import errors
+from agent.lazy import lazy_import
+from agent.libvirt_conn import IMPORT_ERROR as BINDING_ERROR
+from agent.libvirt_conn import libvirt
 from agent.models import Empty, WireModel
 from agent.plugin import Plugin, action, create, delete, get, query
 
-from . import domxml, lverrors
+from . import lverrors
 from . import states as S
 from .events import LifecycleTracker
 from .models import (DeleteVm, MigrateVm, RebootVm, StopVm, UUID_RE, VmInventory, VmMigrateReply,
@@ -33,15 +37,11 @@ from .stats import StatsSampler, VmCollector
 
 log = logging.getLogger("node_agent.vm")
 
-try:
-    import libvirt
-    from . import ops
-except ImportError as e:          # the capability says why; the plugin still loads
-    libvirt = None
-    ops = None                    # type: ignore[assignment]
-    BINDING_ERROR: str | None = f"the libvirt Python binding is missing ({e}); install python3-libvirt"
-else:
-    BINDING_ERROR = None
+# libvirt is loaded once libvirtd is there to talk to (agent.libvirt_conn), and
+# so are the calls and the XML that need it; without the binding the plugin
+# still loads and its libvirt capability says why.
+ops = lazy_import("plugins.vm.ops")
+domxml = lazy_import("plugins.vm.domxml")
 
 # A uuid-shaped segment only, so that /v1/vm-instances/stats is never a VM.
 VM = "/v1/vm-instances/{uuid:[0-9a-fA-F-]{32,36}}"
@@ -95,7 +95,7 @@ class VmPlugin(Plugin):
                                         hold_seconds=self.conf.stopped_event_hold_seconds)
         self.tracker.start()
         self.agent.metrics.registry.register(self.collector)
-        self.conn.subscribe(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle)
+        self.conn.subscribe(LIFECYCLE_EVENT, self._on_lifecycle)
         self.conn.add_listener(self._on_connection)
         await self.conn.acquire()
         background = [asyncio.create_task(self.sampler.run(lambda: self.conn.connected),
@@ -129,6 +129,8 @@ class VmPlugin(Plugin):
 
     async def _resync(self, generation: int) -> None:
         try:
+            # ops and domxml are first needed now: imported in a thread, not on the loop
+            await self.runner.call(importlib.import_module, "plugins.vm.ops", timeout=30)
             current = await self._call(ops.all_states, timeout=30)
         except Exception as e:
             log.warning("could not read the VMs' states after connecting: %s", e)

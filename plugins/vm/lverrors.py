@@ -20,10 +20,7 @@ from __future__ import annotations
 
 from agent import errors
 
-try:
-    import libvirt
-except ImportError:      # the plugin reports the missing binding as its capability's reason
-    libvirt = None
+from agent.libvirt_conn import libvirt   # None without the binding: the plugin says why
 
 
 def message(e: BaseException) -> str:

@@ -12,18 +12,19 @@ import stat
 import threading
 from typing import Any
 
-import libvirt
-
 from agent import errors
+from agent.libvirt_conn import libvirt   # loaded before any connection exists
 
 from . import domxml
 from .states import state_name
+from .stats import STATS_STATE
 
-STATS_STATE = libvirt.VIR_DOMAIN_STATS_STATE
-UNDEFINE_ALL = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-                | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
+
+def _undefine_all() -> int:
+    return (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0))
 
 
 def lookup(conn: Any, uuid: str) -> Any:
@@ -185,7 +186,7 @@ def undefine(conn: Any, uuid: str, force: bool) -> None:
         if not dom.isPersistent():
             return        # a transient domain is gone once destroyed
     try:
-        dom.undefineFlags(UNDEFINE_ALL)
+        dom.undefineFlags(_undefine_all())
     except libvirt.libvirtError as e:
         if e.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG,
                                       libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):

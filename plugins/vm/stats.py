@@ -36,11 +36,8 @@ _SKIPPABLE = ("blockReadBytes", "blockWriteBytes", "disks")
 
 
 def nowait_flag() -> int:
-    try:
-        import libvirt
-    except ImportError:
-        return 0
-    return getattr(libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0)
+    from agent.libvirt_conn import libvirt
+    return getattr(libvirt, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT", 0) if libvirt else 0
 
 
 def entry_from(uuid: str, name: str, st: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +108,7 @@ class StatsSampler:
         self._run = run                # plugin.runner.call: a plain thread call
         self.interval = interval
         self.timeout = timeout
-        self.flags = nowait_flag()
+        self.flags: int | None = None   # NOWAIT when this libvirt has it; read with the binding
         # (records, monotonic time, wall time, pass number) of the last pass, set at once
         self._latest: tuple[list[tuple[Any, dict[str, Any]]], float, float, int] | None = None
         self.taken: float | None = None        # time.time() of the last pass
@@ -135,10 +132,12 @@ class StatsSampler:
         self._in_thread.set()
         try:
             t0 = time.perf_counter()
+            if self.flags is None:
+                self.flags = nowait_flag()
             try:
                 records = conn.getAllDomainStats(GROUPS, self.flags)
             except Exception as e:
-                import libvirt
+                from agent.libvirt_conn import libvirt
                 if self.flags and isinstance(e, libvirt.libvirtError) and e.get_error_code() in (
                         libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT,
                         libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
