@@ -105,7 +105,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
-    from .app import check_sections, discover
+    from .app import discover
     from .openapi import build
     from .core_routes import CorePlugin
     classes, _ = discover()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -120,3 +122,19 @@ async def run_job(http, agent, method, path, body=None, headers=None, timeout=30
     status, reply = await submit(http, agent, method, path, body, headers)
     assert status == 202, (status, reply)
     return await wait_job(http, agent, reply["location"], timeout)
+
+
+async def wait_for(predicate, timeout: float = 15.0, what: str = "condition",
+                   interval: float = 0.05):
+    """predicate()'s first true value (it may be a coroutine function), polled
+    every interval; AssertionError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(interval)

@@ -12,7 +12,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from conftest import run_job, submit, wait_job
+from conftest import run_job, submit, wait_for, wait_job  # noqa: F401 (wait_for: for the tests)
 
 SERVICES = Path(__file__).resolve().parent / "services"
 HANGFS = SERVICES / "hangfs.py"
@@ -179,19 +179,6 @@ async def wait_status_event(receiver, ps_uuid: str, new_status: str, after: int 
             raise AssertionError(f"no StorageStatusChanged to {new_status} in {timeout} s; got "
                                  f"{status_events(receiver, ps_uuid)}")
         await asyncio.sleep(0.05)
-
-
-async def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = predicate()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def fake_mount_log(path: Path) -> list[list[str]]:

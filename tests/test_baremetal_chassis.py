@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from bmcproc import FakeBmcProcess, free_udp_port
-from conftest import run_job, submit
+from conftest import run_job, submit, wait_for
 
 CHASSIS = "/v1/baremetal/chassis"
 
@@ -56,17 +56,6 @@ async def get(http, agent, path: str, **params) -> tuple[int, dict]:
 async def act(http, agent, chassis: str, name: str, params: dict | None = None, timeout=30):
     return await run_job(http, agent, "PUT", f"{CHASSIS}/{chassis}/actions",
                          {name: params or {}}, timeout=timeout)
-
-
-async def wait_until(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 async def connect_events(http, agent, receiver) -> None:
@@ -110,7 +99,7 @@ async def test_register_query_get_and_hardware_info(bm_agent, http, bmcs):
     async def hw():
         s, body = await get(http, bm_agent, "/v1/baremetal/hardwareinfo", q="type=bmc")
         return body["inventories"] if len(body["inventories"]) == 2 else None
-    infos = {i["chassisUuid"]: i for i in await wait_until(hw, what="hardware info")}
+    infos = {i["chassisUuid"]: i for i in await wait_for(hw, what="hardware info")}
     content = json.loads(infos[inv_a["uuid"]]["content"])
     system = content["inventory"]["System"]
     assert system["Serial Number"] == "SER-A" and system["Product name"] == "FakeServer 1U"
@@ -480,7 +469,7 @@ async def test_console_both_ways_one_at_a_time(bm_agent, http, bmcs):
                 pass
         assert e.value.status == 404
 
-    await wait_until(lambda: _async(bool(bmc.events("sol_deactivate"))), what="SOL deactivated")
+    await wait_for(lambda: _async(bool(bmc.events("sol_deactivate"))), what="SOL deactivated")
     # Closed: a new console can be had, and it works again.
     status, body = await run_job(http, bm_agent, "POST", "/v1/baremetal/consoles",
                                  {"params": {"chassisUuid": c}})

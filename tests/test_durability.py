@@ -5,7 +5,6 @@ same state directory, with the real webhook Receiver on the other side."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import re
@@ -18,9 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from conftest import Receiver, run_job, submit, wait_job
+from conftest import Receiver, run_job, submit, wait_for, wait_job
 
 ACTIONS = "/v1/host/actions"
 SHELL = {"host": {"allow_run_shell": True}}
@@ -42,23 +40,10 @@ async def poll(http, agent, job: str) -> tuple[int, dict]:
         return r.status, await r.json()
 
 
-async def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(interval)
-
-
 async def wait_pid_file(path: Path, timeout: float = 10) -> int:
     def ready():
         return path.exists() and path.read_text().strip().isdigit()
-    await wait_until(ready, timeout, f"{path} written")
+    await wait_for(ready, timeout, f"{path} written")
     return int(path.read_text())
 
 
@@ -285,7 +270,7 @@ async def test_webhook_pending_across_kill9_is_delivered(agent, http, receiver):
 
     def attempted():
         return re.search(r"delivery of webhook \d+ to \S+/later failed", agent.log())
-    await wait_until(attempted, 10, "a failed webhook delivery in the agent's log")
+    await wait_for(attempted, 10, "a failed webhook delivery in the agent's log")
 
     agent.kill9()
     await receiver.start(port)
@@ -421,12 +406,12 @@ async def test_results_expire_after_ttl(agent_factory, http):
             return body
         assert status == 200, (status, body)
         return None
-    body = await wait_until(gone, 6, "the result expiring")
+    body = await wait_for(gone, 6, "the result expiring")
     assert body["error"]["code"] == "JOB.1004"
     assert time.monotonic() - t_done >= 1.0        # kept for the TTL, not dropped at once
     # the long job, older than the TTL by now, is still running, not expired
     assert (await poll(http, agent, long_job))[0] == 202
-    await wait_until(lambda: _not_listed(http, agent, job), 5, "the job leaving /v1/api-jobs")
+    await wait_for(lambda: _not_listed(http, agent, job), 5, "the job leaving /v1/api-jobs")
 
     # and it still has its result when it ends
     status, body = await wait_job(http, agent, job_url(agent, long_job))
@@ -455,7 +440,7 @@ async def test_sigterm_mid_job_is_failed_not_success(agent, http, tmp_path):
         assert await asyncio.to_thread(agent.stop) == 0
         assert time.monotonic() - t0 < 5
         # a graceful stop kills the job's process tree
-        await wait_until(lambda: not group_alive(pgid), 3, "the script killed on stop")
+        await wait_for(lambda: not group_alive(pgid), 3, "the script killed on stop")
         agent.start()
 
         status, body = await poll(http, agent, job)
@@ -505,7 +490,7 @@ async def test_reconnect_host_retries_pending_events_at_once(agent, http, receiv
 
     def third_failure():
         return re.search(r"delivery of event \d+ .*attempt 3$", agent.log(), re.M)
-    await wait_until(third_failure, 10, "three failed deliveries of HostConnected")
+    await wait_for(third_failure, 10, "three failed deliveries of HostConnected")
     # the next attempt is now 4 s +-20 % away
     await receiver.start(port)
     t0 = time.monotonic()

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from agent import errors
+from agent.lazy import LazyModule
 
 # Debian's python3-rados / python3-rbd; the plugin reports itself unavailable without them.
 # Loading them costs ~17 MB of RSS and ~15 ms, which an agent with no Ceph storage never
 # needs: whether they import is checked in a child process (same interpreter and sys.path,
 # started now so it runs while the agent goes on starting), and the agent imports them
-# itself on first use (LazyModule).
+# itself on first use (agent.lazy.LazyModule).
 _CHECK = ("import sys; sys.path[:] = {path!r}\n"
           "try:\n    import rados, rbd\n"
           "except Exception as e:\n    print(f'{{type(e).__name__}}: {{e}}'); sys.exit(1)\n")
@@ -70,16 +71,6 @@ def import_error() -> str | None:
                 _checker.communicate()
                 _import_error.append("the import check did not finish in 60 s")
     return _import_error[0]
-
-
-class LazyModule:
-    """A module imported on first attribute access (thread-safe: the import lock)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
 
 
 rados: Any = LazyModule("rados")

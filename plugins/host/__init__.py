@@ -6,6 +6,7 @@ The code of each URL is the method under its decorator; facts are parsed in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -19,6 +20,7 @@ from agent.plugin import Plugin, action, get
 from . import facts, osupdate
 
 audit = logging.getLogger("node_agent.audit")
+log = logging.getLogger("node_agent.host")
 
 FACTS_TIMEOUT = 20.0
 KV_CONNECTION = "host.connection"
@@ -75,6 +77,7 @@ class HostPlugin(Plugin):
     name = "host"
     config_sections = {"host": HostSettings}
     max_processes = 16
+    _versions: facts.Versions | None = None     # libvirt's and QEMU's, read once
 
     @property
     def conf(self) -> HostSettings:
@@ -83,7 +86,30 @@ class HostPlugin(Plugin):
     @get("/v1/host", result=facts.HostFacts)
     async def host_facts(self) -> facts.HostFacts:
         """This node's facts: CPU, memory, NUMA, hugepages, OS, KVM and versions."""
-        return await self.runner.call(facts.collect, "/", timeout=FACTS_TIMEOUT)
+        async with asyncio.timeout(FACTS_TIMEOUT):
+            ip_json = await self._output(facts.ADDRESSES_COMMAND)
+            if self._versions is None:      # read once: an upgrade restarts the agent
+                found = {}
+                for field, commands in facts.VERSION_COMMANDS.items():
+                    for argv in commands:
+                        found[field] = facts.parse_version(await self._output(argv))
+                        if found[field]:
+                            break
+                self._versions = facts.Versions(**found)
+            return await self.runner.call(facts.collect, "/", ip_json, self._versions,
+                                          timeout=FACTS_TIMEOUT)
+
+    async def _output(self, argv: list[str]) -> str | None:
+        """A command's stdout through the runner, or None when it is missing or fails."""
+        exe = await self.runner.call(facts.find_binary, argv[0], timeout=5)
+        if exe is None:
+            return None
+        try:
+            done = await self.runner.run([exe, *argv[1:]], timeout=facts.SUBPROCESS_TIMEOUT)
+        except errors.ApiError as e:        # a timeout: the tree was killed
+            log.warning("%s: %s", argv[0], e.description)
+            return None
+        return done.stdout.decode(errors="replace") if done.returncode == 0 else None
 
     @get("/v1/host/ping", result=Ping)
     async def ping(self) -> Ping:

@@ -4,7 +4,9 @@ In the manner of VDSM's hostdev.py, every fact comes from a small function
 that reads files under a configurable ``root`` (``<root>/proc/cpuinfo``,
 ``<root>/sys/devices/system/node``, ``<root>/etc/os-release``, ...), so tests
 can point it at a generated tree.  Every function is synchronous and may
-block; the plugin calls them off the event loop.
+block; the plugin calls them off the event loop.  The few facts that need a
+command (addresses, versions) are parsed here from output the plugin gets
+through its runner (ADDRESSES_COMMAND, VERSION_COMMANDS).
 
 A missing or malformed file never raises: the fact it feeds becomes None (or
 an empty list) and the rest of the report is still produced.
@@ -20,7 +22,6 @@ import shlex
 import shutil
 import socket
 import stat
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -181,24 +182,12 @@ def parse_cpulist(text: str | None) -> list[int]:
     return cpus
 
 
-def _which(name: str) -> str | None:
+def find_binary(name: str) -> str | None:
+    """The path of a command (PATH plus the sbin directories a service may lack)."""
     if os.path.isabs(name):
         return name if os.access(name, os.X_OK) else None
     path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_BIN_DIRS])
     return shutil.which(name, path=path)
-
-
-def _run(argv: list[str]) -> str | None:
-    """Run a command (argv list, no shell); its stdout, or None on any failure."""
-    exe = _which(argv[0])
-    if exe is None:
-        return None
-    try:
-        done = subprocess.run([exe, *argv[1:]], capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout
 
 
 # --------------------------------------------------------------------------
@@ -446,10 +435,6 @@ def parse_ip_addr_json(text: str) -> list[Address]:
     return addresses
 
 
-def network_addresses() -> list[Address]:
-    return parse_ip_addr_json(_run(["ip", "-j", "addr"]) or "")
-
-
 def parse_version(text: str | None) -> str | None:
     """The first dotted version in a `--version` banner.
 
@@ -460,32 +445,21 @@ def parse_version(text: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def _libvirt_version() -> str | None:
+# The commands behind the addresses and the versions.  The host plugin runs
+# them through its runner (argv lists, a timeout, the process tree killed on
+# timeout or cancel) and hands their output to collect(); the first command of
+# a list that answers gives the version.
+ADDRESSES_COMMAND = ["ip", "-j", "addr"]
+VERSION_COMMANDS: dict[str, list[list[str]]] = {
     # The daemon's banner, not the Python binding: the daemon is what runs the
     # VMs, and loading the binding would cost ~12 MB of RSS for one number.
-    for daemon in ("libvirtd", "virtqemud"):
-        version = parse_version(_run([daemon, "--version"]))
-        if version:
-            return version
-    return None
-
-
-def _qemu_version() -> str | None:
+    "libvirt_version": [["libvirtd", "--version"], ["virtqemud", "--version"]],
     # Debian ships qemu-system-<arch> plus the /usr/bin/kvm wrapper; RHEL
     # ships /usr/libexec/qemu-kvm.
-    candidates = dict.fromkeys([f"qemu-system-{os.uname().machine}",
-                                "qemu-system-x86_64", "/usr/bin/kvm",
-                                "/usr/libexec/qemu-kvm"])
-    for binary in candidates:
-        version = parse_version(_run([binary, "--version"]))
-        if version:
-            return version
-    return None
-
-
-def hypervisor_versions() -> Versions:
-    return Versions(libvirt_version=_libvirt_version(),
-                    qemu_version=_qemu_version())
+    "qemu_version": [[b, "--version"] for b in dict.fromkeys([
+        f"qemu-system-{os.uname().machine}", "qemu-system-x86_64", "/usr/bin/kvm",
+        "/usr/libexec/qemu-kvm"])],
+}
 
 
 # --------------------------------------------------------------------------
@@ -506,31 +480,27 @@ def _cached_os(root: str) -> OsInfo:
     return os_info(root)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_versions(root: str) -> Versions:
-    # A generated tree has no binaries to run: report no versions for it.
-    return hypervisor_versions() if _is_live(root) else Versions()
-
-
 def clear_cache() -> None:
     """Forget the cached static facts (tests, or after an in-place upgrade)."""
-    for cached in (_cached_cpu, _cached_os, _cached_versions):
+    for cached in (_cached_cpu, _cached_os):
         cached.cache_clear()
 
 
-def collect(root: str | os.PathLike = "/") -> HostFacts:
+def collect(root: str | os.PathLike = "/", ip_addr_json: str | None = None,
+            versions: Versions | None = None) -> HostFacts:
+    """The facts read under root, with the output of ADDRESSES_COMMAND and the
+    versions from VERSION_COMMANDS when the caller ran them (on this machine)."""
     root = os.fspath(root)
-    live = _is_live(root)
     # Copies, so a caller changing its HostFacts cannot alter the cache.
     return HostFacts(
         hostname=hostname(root),
-        addresses=network_addresses() if live else [],
+        addresses=parse_ip_addr_json(ip_addr_json or ""),
         cpu=_cached_cpu(root).model_copy(deep=True),
         memory=memory_info(root),
         numa_nodes=numa_nodes(root),
         os=_cached_os(root).model_copy(deep=True),
         hypervisor_type="KVM",
         kvm=kvm_status(root),
-        versions=_cached_versions(root).model_copy(deep=True),
+        versions=versions.model_copy() if versions else Versions(),
         boot_time=boot_time(root),
     )
