@@ -277,7 +277,7 @@ def test_usb_every_field(gpu_tree):
 
 def test_usb_hubs_are_never_candidates(gpu_tree):
     view = view_of(gpu_tree)
-    reasons = {k: candidates.usb_candidate_reason(s, None) for k, s in view.usb_status.items()}
+    reasons = {k: s.refusal(None) for k, s in view.usb_status.items()}
     assert reasons == {"usb1": "it is a root hub", "usb2": "it is a root hub",
                        "1-1": "it is a USB hub", "1-1.2": None, "1-1.3": None, "1-4": None}
 

@@ -715,7 +715,7 @@ class DevicesPlugin(Plugin):
         view = await self.current()
         found, refused = [], []
         for key in view.snap.usb:
-            reason = candidates.usb_candidate_reason(view.usb_status[key], vm)
+            reason = view.usb_status[key].refusal(vm)
             if reason is None:
                 found.append(view.usb[key])
             else:

@@ -35,6 +35,16 @@ class Assessment:
     reason: str | None = None          # why NotAssignable
     vm: str | None = None              # the domain uuid (hex) when Attached
 
+    def refusal(self, vm: str | None) -> str | None:
+        """Why this status alone keeps the device from vm (any VM when None), or None."""
+        if self.status == ATTACHED:
+            if vm is not None and self.vm == vm:
+                return "it is already attached to this VM"
+            return f"it is attached to VM {self.vm}"
+        if self.status == NOT_ASSIGNABLE:
+            return self.reason
+        return None
+
 
 # -- what the host itself needs ---------------------------------------------
 
@@ -200,12 +210,9 @@ def pci_candidate_reason(dev: PciDevice, status: Assessment, devices: dict[str, 
                          statuses: dict[str, Assessment], members: dict[int, list[str]],
                          vm: str | None) -> str | None:
     """None if dev may be attached to vm (any VM when None), else why not."""
-    if status.status == ATTACHED:
-        if vm is not None and status.vm == vm:
-            return "it is already attached to this VM"
-        return f"it is attached to VM {status.vm}"
-    if status.status == NOT_ASSIGNABLE:
-        return status.reason
+    refusal = status.refusal(vm)
+    if refusal is not None:
+        return refusal
     if dev.sriov_num_vfs:
         return (f"it is an SR-IOV physical function with {dev.sriov_num_vfs} VFs enabled; "
                 "attach a VF, or set sriov_numvfs to 0 first")
@@ -241,14 +248,3 @@ def assess_usb(devices: dict[str, UsbDevice], critical: dict[str, str],
         else:
             out[key] = Assessment(FREE)
     return out
-
-
-def usb_candidate_reason(status: Assessment, vm: str | None) -> str | None:
-    if status.status == ATTACHED:
-        if vm is not None and status.vm == vm:
-            return "it is already attached to this VM"
-        return f"it is attached to VM {status.vm}"
-    if status.status == NOT_ASSIGNABLE:
-        return status.reason
-    return None
-

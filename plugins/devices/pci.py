@@ -64,10 +64,11 @@ def read_text(path: str) -> str:
         return ""
 
 
-def read_attr(path: str) -> str | None:
-    """A sysfs attribute, stripped; None when missing or unreadable."""
+def read_at(name: str, dfd: int | None) -> str | None:
+    """A sysfs attribute, stripped, by name relative to the directory open as dfd
+    (or a path, dfd None); None when missing or unreadable."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
     except OSError:
         return None
     try:
@@ -76,6 +77,11 @@ def read_attr(path: str) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def read_attr(path: str) -> str | None:
+    """A sysfs attribute by path: read_at without a directory."""
+    return read_at(path, None)
 
 
 def _hex(value: str | None, width: int) -> str | None:
@@ -107,20 +113,6 @@ def normalize_address(text: str) -> str | None:
     if int(slot, 16) > 0x1f:
         return None
     return f"{int(dom or '0', 16):04x}:{int(bus, 16):02x}:{int(slot, 16):02x}.{fn}"
-
-
-def read_at(name: str, dfd: int) -> str | None:
-    """An attribute of the device directory open as dfd."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode("utf-8", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _link_at(name: str, dfd: int) -> str | None:
