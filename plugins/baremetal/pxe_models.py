@@ -160,7 +160,30 @@ class PxeServerReply(WireModel):
 
 # ------------------------------------------------------------------ host configs
 
-class NicCfg(WireModel):
+class L3Settings(WireModel):
+    """The ip, netmask and gateway of a nic or a bonding (declared by each, in its
+    own order): checked one by one, then together (check_l3)."""
+
+    @field_validator("ip", "gateway", check_fields=False)
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        return None if v is None else _ipv4(v)
+
+    @field_validator("netmask", check_fields=False)
+    @classmethod
+    def _mask(cls, v: str | None) -> str | None:
+        return None if v is None else str(parse_netmask(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "L3Settings":
+        check_l3(self.ip, self.netmask, self.gateway, self._l3_owner())
+        return self
+
+    def _l3_owner(self) -> str:
+        raise NotImplementedError
+
+
+class NicCfg(L3Settings):
     mac: str
     ip: str | None = None
     netmask: str | None = None
@@ -188,20 +211,8 @@ class NicCfg(WireModel):
     def _mac(cls, v: str) -> str:
         return normalize_mac(v)
 
-    @field_validator("ip", "gateway")
-    @classmethod
-    def _ip(cls, v: str | None) -> str | None:
-        return None if v is None else _ipv4(v)
-
-    @field_validator("netmask")
-    @classmethod
-    def _mask(cls, v: str | None) -> str | None:
-        return None if v is None else str(parse_netmask(v))
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "NicCfg":
-        check_l3(self.ip, self.netmask, self.gateway, f"nic {self.mac}")
-        return self
+    def _l3_owner(self) -> str:
+        return f"nic {self.mac}"
 
 
 def check_l3(ip: str | None, netmask: str | None, gateway: str | None, what: str) -> None:
@@ -223,7 +234,7 @@ def check_l3(ip: str | None, netmask: str | None, gateway: str | None, what: str
             raise ValueError(f"{what}: gateway {gateway} is the nic's own address")
 
 
-class Bonding(WireModel):
+class Bonding(L3Settings):
     name: str
     mode: str = "4"
     slaves: list[str] = Field(min_length=1, description="MACs; a list or a comma-separated string")
@@ -275,20 +286,8 @@ class Bonding(WireModel):
             raise ValueError("a MAC is listed twice")
         return macs
 
-    @field_validator("ip", "gateway")
-    @classmethod
-    def _ip(cls, v: str | None) -> str | None:
-        return None if v is None else _ipv4(v)
-
-    @field_validator("netmask")
-    @classmethod
-    def _mask(cls, v: str | None) -> str | None:
-        return None if v is None else str(parse_netmask(v))
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "Bonding":
-        check_l3(self.ip, self.netmask, self.gateway, f"bonding {self.name}")
-        return self
+    def _l3_owner(self) -> str:
+        return f"bonding {self.name}"
 
 
 class CreateHostCfg(WireModel):

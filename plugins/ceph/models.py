@@ -378,13 +378,11 @@ class VolumeReply(WireModel):
     inventory: VolumeInventory
 
 
-class CreateVolume(WireModel):
-    volume_uuid: str | None = Field(None, description="random when absent")
-    name: str | None = Field(None, description="the image's name; the volume uuid when absent")
-    pool_name: str | None = Field(None, description="one of the storage's pools; the data pool "
-                                  "(or the root pool for type Root) when absent")
-    type: Literal["Root", "Data"] = "Data"
-    size: int = Field(gt=0, le=1 << 60, description="bytes")
+class NewImage(WireModel):
+    """Where a new RBD image goes: each part checked when given."""
+    volume_uuid: str | None = None
+    name: str | None = None
+    pool_name: str | None = None
 
     @field_validator("volume_uuid")
     @classmethod
@@ -400,6 +398,15 @@ class CreateVolume(WireModel):
     @classmethod
     def _pool(cls, v: str | None) -> str | None:
         return None if v is None else check_name("pool", v)
+
+
+class CreateVolume(NewImage):
+    volume_uuid: str | None = Field(None, description="random when absent")
+    name: str | None = Field(None, description="the image's name; the volume uuid when absent")
+    pool_name: str | None = Field(None, description="one of the storage's pools; the data pool "
+                                  "(or the root pool for type Root) when absent")
+    type: Literal["Root", "Data"] = "Data"
+    size: int = Field(gt=0, le=1 << 60, description="bytes")
 
 
 class DeleteVolumeQuery(WireModel):
@@ -428,25 +435,8 @@ class DeleteSnapshot(SnapshotParams):
     force: bool = Field(False, description="unprotect it, flattening its clones first")
 
 
-class CloneVolume(SnapshotParams):
-    volume_uuid: str | None = None
-    name: str | None = None
-    pool_name: str | None = None
-
-    @field_validator("volume_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else check_uuid(v)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_name("image", v)
-
-    @field_validator("pool_name")
-    @classmethod
-    def _pool(cls, v: str | None) -> str | None:
-        return None if v is None else check_name("pool", v)
+class CloneVolume(SnapshotParams, NewImage):
+    pass
 
 
 class Deleted(WireModel):
