@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from agentproc import AgentProcess  # noqa: E402
+from benchlib import cpu_model, git_head  # noqa: E402
 from bmcproc import FakeBmcProcess  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -80,16 +80,7 @@ async def all_at_once(http, agent, uuids: list[str]) -> float:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    cpu, (commit, _) = cpu_model(), git_head()
     from importlib.metadata import version  # noqa: PLC0415
     return (f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, Python "
             f"{platform.python_version()}, aiohttp {aiohttp.__version__}, pyghmi "

@@ -25,6 +25,7 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 sys.path.insert(0, str(REPO / "tests"))
 
 from agentproc import AgentProcess  # noqa: E402
+from benchlib import cpu_model, git_head  # noqa: E402
 from ceph_fixture import MicroCeph, free_port_pair  # noqa: E402
 
 
@@ -82,14 +83,7 @@ def stats_ms(samples: list[float]) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = "?"
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
@@ -97,11 +91,8 @@ def machine() -> str:
     except (OSError, ValueError):
         pass
     ceph = subprocess.run(["ceph", "--version"], capture_output=True, text=True).stdout.split("(")[0].strip()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "?"
-    dirty = " (with uncommitted changes)" if subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "plugins/ceph"],
-        capture_output=True, text=True).stdout.strip() else ""
+    commit, changed = git_head("plugins/ceph")
+    dirty = " (with uncommitted changes)" if changed else ""
     return (f"nproc {os.cpu_count()}, {cpu}, {mem} RAM, kernel {platform.release()}, "
             f"Python {platform.python_version()}, {ceph} (1 mon, 1 memstore OSD, lean mgr, "
             f"loopback); agent at commit {commit}{dirty}")

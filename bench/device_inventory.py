@@ -39,7 +39,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import sysfs_fixtures  # noqa: E402
+from benchlib import cpu_model, git_head  # noqa: E402
 from agent.query import FrozenItems, QuerySpec  # noqa: E402
 from plugins.devices import (PciDeviceInventory, UsbDeviceInventory, build_view,  # noqa: E402
                              pci, take_snapshot, usb)
@@ -156,25 +156,11 @@ def table(rows) -> str:
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-        # The read path runs through the core too (agent/query.py, agent/server.py).
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
-                                "plugins/devices", "agent"],
-                               capture_output=True, text=True, timeout=5).stdout.splitlines()
-        if dirty:
-            commit += " + uncommitted " + ", ".join(sorted(line[3:] for line in dirty))
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
+    cpu = cpu_model()
+    # The read path runs through the core too (agent/query.py, agent/server.py).
+    commit, dirty = git_head("plugins/devices", "agent")
+    if dirty:
+        commit += " + uncommitted " + ", ".join(dirty)
     load = os.getloadavg()
     return (f"Machine: nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, Python "
             f"{platform.python_version()}; load average {load[0]:.2f} at start; agent at commit "

@@ -40,18 +40,11 @@ from pathlib import Path
 
 import xxhash
 
+from benchlib import cpu_model, fill_half_holes
+
 GIB = 1 << 30
 CHUNK = 1 << 20
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def fill_half_holes(path: Path, size: int) -> None:
-    data = os.urandom(CHUNK)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, 2 * CHUNK):
-            f.seek(off)
-            f.write(data)
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -231,7 +224,7 @@ def main() -> int:
         f"### Migration floor, run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"`bench/migration_floor.py`: 1 GiB, half holes, under {args.dir}; {args.rounds} alternating "
-        f"rounds, medians. Machine: nproc {os.cpu_count()}, {platform.machine()}, kernel "
+        f"rounds, medians. Machine: nproc {os.cpu_count()}, {cpu_model()}, kernel "
         f"{platform.release()}, Python {platform.python_version()}; load average {load0:.2f} at "
         f"start, {os.getloadavg()[0]:.2f} at the end.",
         "",

@@ -44,6 +44,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from benchlib import cpu_model, git_head
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 HOST = "127.0.0.1"
@@ -257,31 +259,16 @@ def run_aiohttp_client(server: Server, seconds: float, connections: int) -> dict
 # ---------------------------------------------------------------- report
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import aiohttp
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
+    return {"nproc": str(os.cpu_count()), "cpu": cpu_model(), "kernel": platform.release(),
             "python": platform.python_version(), "aiohttp": aiohttp.__version__,
             "commit": commit()}
 
 
 def commit() -> str:
     """The agent's code as measured: HEAD, and whether agent/ or plugins/ differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "agent", "plugins"], cwd=REPO, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (head or "unknown") + (" with uncommitted changes in agent/ or plugins/" if dirty else "")
+    head, dirty = git_head("agent", "plugins")
+    return head + (" with uncommitted changes in agent/ or plugins/" if dirty else "")
 
 
 def mean(xs: list[float]) -> float:

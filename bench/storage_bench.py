@@ -45,6 +45,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from agentproc import AgentProcess  # noqa: E402
+from benchlib import cpu_model, fill_half_holes, git_head  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 HANGFS = REPO / "tests" / "services" / "hangfs.py"
@@ -61,12 +62,7 @@ def free_port() -> int:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown")
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "plugins/storage", "agent"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
+    cpu, (head, dirty) = cpu_model(), git_head("plugins/storage", "agent")
     return (f"nproc {os.cpu_count()}, {cpu}, kernel {platform.release()}, Python "
             f"{platform.python_version()}, aiohttp {aiohttp.__version__}; agent at commit {head}"
             + (" with uncommitted changes" if dirty else ""))
@@ -83,15 +79,6 @@ async def call(http, agent, method, path, body=None, timeout=600):
             if r.status != 202:
                 return r.status, await r.json()
     raise RuntimeError(f"{method} {path} did not finish")
-
-
-def fill_half_holes(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size)
-        block = os.urandom(MIB)
-        for off in range(0, size, 2 * MIB):
-            f.seek(off)
-            f.write(block)
 
 
 def warm(path: Path) -> None:

@@ -55,6 +55,7 @@ import libvirt
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from agentproc import AgentProcess  # noqa: E402
+from benchlib import cpu_model  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 LIBVIRTD_SH = REPO / "tests" / "services" / "libvirtd.sh"
@@ -282,11 +283,7 @@ def report(args, d: dict, local: dict, res: dict) -> str:
     pass_vs_raw, loop_vs_pass = passes / raw, loop / passes
     idle99, stall99 = pct(res["ping_idle"], 99), pct(res["ping_stalled"], 99)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     ok = lambda good: "met" if good else "**MISSED**"  # noqa: E731
     lines = [
         f"### VM statistics run of {now}",

@@ -1,0 +1,46 @@
+"""What the benchmarks share: the machine's CPU, the code's commit, sparse test files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def git_head(*paths: str) -> tuple[str, list[str]]:
+    """The short commit of HEAD, and the files under paths that differ from it
+    or are new: what a figure was measured on."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                              text=True, timeout=10).stdout
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+        dirty = git("status", "--porcelain", "--", *paths) if paths else ""
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", []
+    return head, sorted(line[3:] for line in dirty.splitlines())
+
+
+def fill_half_holes(path: Path, size: int) -> None:
+    """A sparse file of size bytes: 1 MiB of random data every 2 MiB, holes between."""
+    block = os.urandom(MIB)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 2 * MIB):
+            f.seek(off)
+            f.write(block)
