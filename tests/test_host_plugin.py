@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from conftest import run_job, submit, wait_job
+from conftest import process_gone, run_job, submit, wait_job
 
 
 @pytest.fixture
@@ -21,16 +21,6 @@ def shell_agent(agent_factory):
 async def get_json(http, agent, path, params=None):
     async with http.get(agent.url + path, params=params, headers=agent.headers) as r:
         return r.status, await r.json()
-
-
-def _gone(pid: int) -> bool:
-    """True when pid no longer runs (absent, or a zombie waiting for a slow reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
 
 
 async def _wait_file(path, within: float = 5.0) -> str:
@@ -133,14 +123,14 @@ async def test_run_shell_timeout_kills_the_script_tree(shell_agent, http, tmp_pa
                                                   "timeout": 1}})
     assert status == 202
     child = int(await _wait_file(pidfile))
-    assert not _gone(child)
+    assert not process_gone(child)
     status, body = await wait_job(http, shell_agent, reply["location"])
     assert status == 503 and body["error"]["code"] == "HOST.1408"
     assert time.monotonic() - t0 < 5
     deadline = time.monotonic() + 2
-    while not _gone(child) and time.monotonic() < deadline:
+    while not process_gone(child) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    assert _gone(child), f"the script's child {child} survived the timeout"
+    assert process_gone(child), f"the script's child {child} survived the timeout"
 
 
 async def test_run_shell_script_goes_on_stdin_not_argv(shell_agent, http, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from agent.errors import OperationFailed, Timeout
 from agent.runner import ProcessResult, Runner
+from conftest import process_gone
 
 # A hang is a bug here: fail fast instead of waiting for the global timeout.
 pytestmark = [pytest.mark.timeout(10),
@@ -24,20 +25,10 @@ def runner():
     r.close()
 
 
-def _gone(pid: int) -> bool:
-    """True when pid no longer runs (absent, or a zombie of some other parent)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
-
-
 async def _all_gone(pids: list[int], within: float = 1.0) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if all(_gone(p) for p in pids):
+        if all(process_gone(p) for p in pids):
             return True
         await asyncio.sleep(0.02)
     return False
