@@ -229,6 +229,17 @@ def _described(dev: pci.PciDevice, ids: pci.PciIds | None,
     return found
 
 
+def _check_assignable(st: Assessment, vm: str, area: str, what: str) -> None:
+    """409 when the device's status keeps it from VM vm: attached, or not assignable."""
+    if st.status == ATTACHED:
+        if st.vm == vm:
+            raise errors.Conflict(f"{what} is already attached to this VM", code=f"{area}.1013")
+        raise errors.Conflict(f"{what} is attached to VM {st.vm}; detach it first",
+                              code=f"{area}.1010")
+    if st.status == NOT_ASSIGNABLE:
+        raise errors.Conflict(f"{what} cannot be given to a VM: {st.reason}", code=f"{area}.1011")
+
+
 def pci_inventory(dev: pci.PciDevice, st: Assessment, members: dict[int, list[str]],
                   ids: pci.PciIds | None, host_uuid: str | None,
                   names: dict[tuple, tuple] | None = None) -> dict[str, Any]:
@@ -641,16 +652,7 @@ class DevicesPlugin(Plugin):
                 raise errors.NotFound(f"there is no PCI device {addr} on this host",
                                       code="PCI.1004")
             await self._domain(vm, "PCI")
-            st = view.pci_status[addr]
-            if st.status == ATTACHED:
-                if st.vm == vm:
-                    raise errors.Conflict(f"PCI device {addr} is already attached to this VM",
-                                          code="PCI.1013")
-                raise errors.Conflict(f"PCI device {addr} is attached to VM {st.vm}; detach it "
-                                      "first", code="PCI.1010")
-            if st.status == NOT_ASSIGNABLE:
-                raise errors.Conflict(f"PCI device {addr} cannot be given to a VM: {st.reason}",
-                                      code="PCI.1011")
+            _check_assignable(view.pci_status[addr], vm, "PCI", f"PCI device {addr}")
 
     @action("/v1/pci-devices/{address}/actions", "detachPciDeviceFromVm", params=DetachFromVm,
             result=PciDeviceReply, requires="libvirt")
@@ -769,16 +771,7 @@ class DevicesPlugin(Plugin):
         await self._reserve(lock, "USB", f"USB device {key}")
         with self._release_on_error(lock):
             await self._domain(vm, "USB")
-            st = view.usb_status[key]
-            if st.status == ATTACHED:
-                if st.vm == vm:
-                    raise errors.Conflict(f"USB device {key} is already attached to this VM",
-                                          code="USB.1013")
-                raise errors.Conflict(f"USB device {key} is attached to VM {st.vm}; detach it "
-                                      "first", code="USB.1010")
-            if st.status == NOT_ASSIGNABLE:
-                raise errors.Conflict(f"USB device {key} cannot be given to a VM: {st.reason}",
-                                      code="USB.1011")
+            _check_assignable(view.usb_status[key], vm, "USB", f"USB device {key}")
 
     @action("/v1/usb-devices/{id}/actions", "detachUsbDeviceFromVm", params=DetachFromVm,
             result=UsbDeviceReply, requires="libvirt")
