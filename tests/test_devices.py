@@ -111,6 +111,19 @@ def test_bridges_numa_drivers_and_parents(gpu_tree):
     assert devs[fx.PCH_LPC].driver is None and devs[fx.PCH_SMBUS].driver == "i801_smbus"
 
 
+def test_pci_names_are_read_in_the_scan_not_when_the_view_is_built(gpu_tree, tmp_path):
+    """The views are built on the event loop: every name they show must have been read
+    from pci.ids by the scan (in a runner thread), so none is read while building one."""
+    ids_copy = tmp_path / "pci.ids"
+    shutil.copy(PCI_IDS, ids_copy)
+    snap = take_snapshot(str(gpu_tree.root), str(ids_copy))
+    ids_copy.unlink()                       # a read now would find no file, so no names
+    gpu = build_view(snap, {}, [], "host-1").pci[fx.GPU0]
+    assert gpu["metaData"]["vendorName"] == "NVIDIA Corporation"
+    assert gpu["metaData"]["deviceName"] == "GA102GL [RTX A6000]"
+    assert pci.PciIds.load(str(ids_copy)) is None
+
+
 def test_sriov_parent_and_children(gpu_tree):
     devs = pci.scan(str(gpu_tree.root))
     pf = devs[fx.NIC_PF]

@@ -186,8 +186,14 @@ def take_snapshot(root: str, ids_path: str | None) -> Snapshot:
     """Blocking: read everything under root."""
     p = pci.scan(root)
     u = usb.scan(root)
+    ids = pci.pci_ids(ids_path)
+    if ids is not None:
+        # Names missing from its memo are read from pci.ids now, in this thread:
+        # the views are built on the loop and must find them there.
+        for dev in p.values():
+            ids.names(dev.vendor_id, dev.device_id, dev.subvendor_id, dev.subdevice_id)
     return Snapshot(p, u, pci.iommu_active(root), candidates.host_critical(root, p, u),
-                    pci.pci_ids(ids_path), time.time())
+                    ids, time.time())
 
 
 @dataclass(slots=True)
