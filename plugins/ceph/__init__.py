@@ -40,10 +40,11 @@ from agent.events import utcnow_iso
 from agent.jobs import iso
 from agent.models import WireModel
 from agent.plugin import Plugin, action, create, delete, get, query, raw
+from agent.runner import Runner
 
 from . import backup, cluster, health, mons, pools, rbdvols
-from .cluster import (AccessDenied, Connection, Endpoint, FsidMismatch, Registry, Timeouts,
-                      Unreachable, bad, conflict, failed, mon_host_option, not_found,
+from .cluster import (AccessDenied, ClusterDown, Connection, Endpoint, FsidMismatch, Registry,
+                      Timeouts, Unreachable, bad, conflict, failed, mon_host_option, not_found,
                       parse_mon_url, translate)
 from .models import (AddCephBackupStorage, AddCephPrimaryStorage, AddImage, AddMons, AddPool,
                      BackupReply, Capacity, CephBackupStorageInventory,
@@ -76,6 +77,8 @@ class CephSettings(WireModel):
     osd_op_timeout: float = Field(30.0, gt=0, le=3600, description="rados_osd_op_timeout, seconds")
     long_op_timeout: float = Field(6 * 3600.0, ge=10, description="flatten, delete, copy: seconds")
     health_interval: float = Field(10.0, ge=0.2, le=3600, description="seconds between checks")
+    cluster_threads: int = Field(4, ge=1, le=64, description="threads of each cluster's own "
+                                 "pool: a dead cluster's hung calls never wait in another's")
     download_dir: str | None = Field(None, description="qcow2 spool; <state>/ceph/tmp by default")
     verify_tls: bool = Field(True, description="verify https certificates of image URLs")
     export_base_url: str | None = Field(None, description="base of export URLs, e.g. "
@@ -138,6 +141,7 @@ class CephPlugin(Plugin):
                 await self.runner.call(conn.close, timeout=5)
             except Exception:
                 pass
+            self._close_runner(conn)
 
     def _prepare_dirs(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -181,13 +185,30 @@ class CephPlugin(Plugin):
             await self.runner.call(conn.close, timeout=self.timeouts.call)
         except Exception:
             log.warning("closing a Ceph connection to %s did not finish", conn.label)
+        self._close_runner(conn)
+
+    def _conn_runner(self, conn: Connection) -> Runner:
+        """The cluster's own bounded pool: made on first use, closed with the connection.
+        Threads start only when needed, so an idle cluster costs none."""
+        if conn.runner is None:
+            conn.runner = Runner(f"ceph-{conn.label}"[:60], max_threads=self.conf.cluster_threads,
+                                 max_processes=1)
+        return conn.runner
+
+    @staticmethod
+    def _close_runner(conn: Connection) -> None:
+        if conn.runner is not None:
+            conn.runner.close()       # queued calls dropped; a hung thread ends at its timeout
+            conn.runner = None
 
     async def raw_call(self, label: str, fn: Callable[..., Any], *args: Any, what: str,
-                       timeout: float | None = None, io: bool = False) -> Any:
+                       timeout: float | None = None, io: bool = False,
+                       runner: Runner | None = None) -> Any:
         """fn(*args) in a runner thread; binding errors become the wire's errors."""
         t = timeout or self.timeouts.call
+        runner = runner or (self.io_runner if io else self.runner)
         try:
-            return await (self.io_runner if io else self.runner).call(fn, *args, timeout=t)
+            return await runner.call(fn, *args, timeout=t)
         except errors.Timeout:
             raise Unreachable(f"{what}: the Ceph cluster at {label} did not answer within "
                               f"{t:g} s") from None
@@ -197,11 +218,35 @@ class CephPlugin(Plugin):
             raise translate(e, what, label, self.timeouts) from None
 
     async def call_conn(self, conn: Connection, fn: Callable[..., Any], *args: Any, what: str,
-                        timeout: float | None = None) -> Any:
+                        timeout: float | None = None, probe: bool = False) -> Any:
+        """fn(rados, *args) in the cluster's own pool.  While the cluster is known down
+        the call fails fast (also one that was queued when it went down); only a probe
+        (the health check, a reconnect) still goes to the cluster."""
         def work() -> Any:
+            if not probe:
+                self._fail_if_down(conn, what)
             with conn.use() as r:
                 return fn(r, *args)
-        return await self.raw_call(conn.label, work, what=what, timeout=timeout)
+        if not probe:
+            self._fail_if_down(conn, what)
+        try:
+            return await self.raw_call(conn.label, work, what=what, timeout=timeout,
+                                       runner=self._conn_runner(conn))
+        except Unreachable as e:
+            if conn.down is None:
+                conn.down = (time.monotonic(), e.description)
+                log.warning("Ceph cluster at %s is unreachable; its calls fail fast until the "
+                            "health check reaches it again", conn.label)
+            raise
+
+    def _fail_if_down(self, conn: Connection, what: str) -> None:
+        down = conn.down
+        if down is not None:
+            raise ClusterDown(
+                f"{what}: the Ceph cluster at {conn.label} is Disconnected (for "
+                f"{time.monotonic() - down[0]:.0f} s: {down[1]}); calls fail at once until the "
+                f"health check (every {self.conf.health_interval:g} s) reaches it again, or a "
+                f"reconnect action succeeds")
 
     async def ceph(self, uuid: str, fn: Callable[..., Any], *args: Any, what: str,
                    timeout: float | None = None) -> Any:
@@ -352,10 +397,10 @@ class CephPlugin(Plugin):
             except BaseException:
                 if owned:
                     self.keys.delete(uuid)
-                await self.runner.call(conn.close, timeout=self.timeouts.call)
+                await self._close(conn)
                 raise
             fsid = conn.fsid
-            await self.runner.call(conn.close, timeout=self.timeouts.call)
+            await self._close(conn)
             now = _now()
             eps = eps or info.get("endpoints", [])
             s: dict[str, Any] = {

@@ -113,6 +113,11 @@ class FsidMismatch(errors.OperationFailed):
     code = "CEPH.1409"
 
 
+class ClusterDown(errors.Unavailable):
+    """The cluster is known Disconnected: the call is refused at once, not sent."""
+    code = "CEPH.1504"
+
+
 class CommandFailed(Exception):
     """A mon/mgr command answered with an error (``ret`` is a negative errno)."""
 
@@ -290,6 +295,10 @@ class Connection:
         self._handle: _Handle | None = None
         self._last_failure: tuple[float, BaseException] | None = None
         self.connects = 0
+        # Known down: (since when, why).  Set when a call found the cluster unreachable,
+        # cleared only by a health check that reached it; calls fail fast meanwhile.
+        self.down: tuple[float, str] | None = None
+        self.runner: Any = None          # its own bounded pool (set by the plugin)
 
     def _make(self) -> Any:
         conf = {"mon_host": self.mon_host, "keyring": self.keyring,

@@ -4,8 +4,8 @@ A background task asks every connection, every ``health_interval`` seconds,
 for ``status`` (health, capacity) and ``quorum_status`` (the monmap and the
 quorum) -- two mon commands, each bounded by ``rados_mon_op_timeout``.  A storage
 is Connected when they answer and Disconnected when they do not; any operation
-that finds the cluster unreachable marks it Disconnected at once, and the
-next success Connected again.  A change of status or of health
+that finds the cluster unreachable marks it Disconnected at once, and from then
+on its calls fail fast (``ClusterDown``) until this check reaches it again.  A change of status or of health
 (HEALTH_OK/WARN/ERR) publishes one ``StorageStatusChanged`` event.
 """
 
@@ -48,14 +48,16 @@ class HealthChecker:
         self.interval = interval
         self.task: asyncio.Task | None = None
         self.wake = asyncio.Event()
+        self.inflight: dict[Connection, asyncio.Task] = {}
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop(), name="ceph-health")
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        tasks = [t for t in (self.task, *self.inflight.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -73,8 +75,20 @@ class HealthChecker:
             self.wake.clear()
 
     async def check_all(self) -> None:
-        conns = self.plugin.registry.all()
-        await asyncio.gather(*(self.check(c) for c in conns), return_exceptions=True)
+        """Start one check per cluster, each on its own: a dead cluster's check (which
+        waits out its timeouts) never delays a healthy one's next check."""
+        for c in self.plugin.registry.all():
+            t = self.inflight.get(c)
+            if t is None or t.done():
+                self.inflight[c] = asyncio.create_task(self._check_logged(c))
+        for c in [c for c, t in self.inflight.items() if t.done()]:
+            del self.inflight[c]
+
+    async def _check_logged(self, conn: Connection) -> None:
+        try:
+            await self.check(conn)
+        except Exception:
+            log.exception("the Ceph health check of %s failed", conn.label)
 
     async def check(self, conn: Connection) -> None:
         p = self.plugin
@@ -89,12 +103,15 @@ class HealthChecker:
                                  for u, recs in records.items()}
             return info
         try:
-            info = await p.call_conn(conn, work, what="health check")
+            info = await p.call_conn(conn, work, what="health check", probe=True)
         except Exception as e:
             reason = getattr(e, "description", None) or str(e)
             for u in uuids:
                 await p.set_status(u, DISCONNECTED, reason)
             return
+        if conn.down is not None:
+            log.info("Ceph cluster at %s answers again; its calls go through", conn.label)
+            conn.down = None
         for u in uuids:
             await p.set_status(u, CONNECTED, None, dict(info, monStates=info["monStates"].get(u, {})))
 
