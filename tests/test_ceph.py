@@ -9,10 +9,12 @@ module fixtures; the last one stops the mon and starts it again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
 import stat
+import struct
 import subprocess
 import time
 import urllib.error
@@ -27,6 +29,7 @@ from aiohttp import web
 from agentproc import AgentProcess, free_port
 from ceph_fixture import MicroCeph, ceph_cluster, free_port_pair  # noqa: F401 (fixture)
 from conftest import run_job, submit, wait_job
+from plugins.ceph.secrets import check_key as secrets_check_key
 
 PS = "/v1/primary-storage/ceph"
 BS = "/v1/backup-storage/ceph"
@@ -259,6 +262,43 @@ async def test_bad_registrations_are_refused_clearly(cagent, ceph_cluster, http)
     no_secret_anywhere(cagent, c.key)
 
 
+def not_cephx_keys(real: str) -> dict[str, str]:
+    """Keys that are 28 bytes of base64 (the old length check passed them) but no cephx secret."""
+    raw = base64.b64decode(real)
+    typ, sec, nsec, length = struct.unpack_from("<HIIH", raw)
+    enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return {"type": enc(struct.pack("<HIIH", 5, sec, nsec, length) + raw[12:]),
+            "declared length": enc(struct.pack("<HIIH", typ, sec, nsec, 32) + raw[12:]),
+            "creation time": enc(struct.pack("<HIIH", typ, sec, 2_000_000_000, length) + raw[12:])}
+
+
+async def test_a_key_that_is_no_cephx_secret_is_400_and_never_logged(cagent, ceph_cluster, http, tmp_path):
+    c = ceph_cluster
+    mon = f"127.0.0.1:{c.port}"
+    real = subprocess.run(["ceph-authtool", "--gen-print-key"], capture_output=True, text=True).stdout.strip()
+    assert secrets_check_key(real) is None          # what ceph-authtool makes passes
+    for why, key in not_cephx_keys(real).items():
+        uuid = uuidlib.uuid4().hex
+        status, body = await submit(http, cagent, "POST", PS, {"params": {
+            "uuid": uuid, "monUrls": [mon], "key": key}})
+        assert status == 400 and "'key'" in body["error"]["description"], (why, body)
+        assert "not a cephx secret" in body["error"]["description"], (why, body)
+        assert key not in json.dumps(body) and key not in cagent.log(), why
+        assert not (cagent.state_dir / "ceph" / "keys" / f"{uuid}.keyring").exists()
+    # an operator's keyring with such a key: librados refuses it, and what librados
+    # prints about it (the keyring line, key included) stays out of the agent's log
+    bad = not_cephx_keys(real)["type"]
+    keyring = tmp_path / "bad.keyring"
+    keyring.write_text(f"[client.admin]\n\tkey = {bad}\n")
+    status, body = await job(http, cagent, "POST", PS, {"params": {"monUrls": [mon], "keyringPath": str(keyring)}})
+    assert status == 503, body
+    assert bad not in json.dumps(body) and bad not in cagent.log()
+    # a real key the cluster does not know: a clean auth error, the key nowhere
+    status, body = await job(http, cagent, "POST", PS, {"params": {"monUrls": [mon], "key": real}})
+    assert status == 503 and body["error"]["code"] == "CEPH.1401", body
+    assert real not in json.dumps(body) and real not in cagent.log()
+
+
 async def test_register_the_same_uuid_twice_is_409(cagent, primary, ceph_cluster, http):
     status, body = await submit(http, cagent, "POST", PS, {"params": {
         "uuid": primary["uuid"], "monUrls": [f"127.0.0.1:{ceph_cluster.port}"], "key": ceph_cluster.key}})
@@ -472,6 +512,52 @@ async def test_volume_force_delete_and_bad_input(cagent, primary, ceph_cluster, 
 
 # --- mons ------------------------------------------------------------------------------------
 
+async def test_clean_up_image_cache_removes_what_nothing_clones_from(cagent, primary, ceph_cluster, http, tmp_path):
+    """Issue 12.3: cleanUpImageCacheOnPrimaryStorage for Ceph primary storage."""
+    c, u = ceph_cluster, primary["uuid"]
+    cache = primary["imageCachePoolName"]
+    data = tmp_path / "img"
+    data.write_bytes(os.urandom(2 * MIB))
+    for name in ("cached-a", "cached-b", "cached-c"):
+        c.rbd("import", str(data), f"{cache}/{name}")
+    for name in ("cached-a", "cached-b"):
+        c.rbd("snap", "create", f"{cache}/{name}@image")
+        c.rbd("snap", "protect", f"{cache}/{name}@image")
+    c.rbd("clone", f"{cache}/cached-a@image", f"{primary['rootVolumePoolName']}/from-a")
+    # a volume the agent created in the cache pool is never cleaned up
+    status, body = await job(http, cagent, "POST", f"{PS}/{u}/volumes", {"params": {
+        "size": MIB, "poolName": cache, "name": "agent-vol"}})
+    assert status == 200, body
+    status, body = await job(http, cagent, "PUT", f"{PS}/{u}/actions", {"cleanUpImageCacheOnPrimaryStorage": {}})
+    assert status == 200, body
+    assert sorted(body["removedImageUuids"]) == ["cached-b", "cached-c"], body
+    assert sorted(body["keptImageUuids"]) == ["agent-vol", "cached-a"], body
+    assert body["removedBytes"] >= 2 * 2 * MIB, body
+    assert sorted(c.rbd_json("ls", cache)) == ["agent-vol", "cached-a"]
+    # the clone still reads its parent's data
+    assert c.rbd("export", f"{primary['rootVolumePoolName']}/from-a", "-", binary=True)[:MIB] == data.read_bytes()[:MIB]
+    # once the clone is gone, its parent goes too
+    c.rbd("rm", f"{primary['rootVolumePoolName']}/from-a")
+    status, body = await job(http, cagent, "PUT", f"{PS}/{u}/actions", {"cleanUpImageCacheOnPrimaryStorage": {}})
+    assert status == 200 and body["removedImageUuids"] == ["cached-a"], body
+    assert c.rbd_json("ls", cache) == ["agent-vol"]
+    status, body = await job(http, cagent, "DELETE", f"{PS}/{u}/volumes/{'agent-vol'}")
+    # a storage whose cache pool is also its data pool: refused, nothing removed
+    status, body = await job(http, cagent, "POST", PS, {"params": {
+        "name": "shared-pools", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key,
+        "rootVolumePoolName": "sp-root", "dataVolumePoolName": "sp-both",
+        "imageCachePoolName": "sp-both"}})
+    assert status == 200, body
+    other = body["inventory"]["uuid"]
+    c.rbd("create", "--size", "1", "sp-both/keep-me")
+    status, body = await submit(http, cagent, "PUT", f"{PS}/{other}/actions", {"cleanUpImageCacheOnPrimaryStorage": {}})
+    assert status == 409 and "also a volume pool" in body["error"]["description"], body
+    assert c.rbd_json("ls", "sp-both") == ["keep-me"]
+    c.rbd("rm", "sp-both/keep-me")
+    status, body = await job(http, cagent, "DELETE", f"{PS}/{other}")
+    assert status == 200, body
+
+
 async def test_second_mon_added_and_removed_live(cagent, primary, ceph_cluster, http):
     c, u = ceph_cluster, primary["uuid"]
     await asyncio.to_thread(c.script, "add-mon", "b", "127.0.0.2")
@@ -653,6 +739,27 @@ async def test_backup_storage_import_export_migrate_delete(cagent, backups, ceph
         assert image not in c.rbd("ls", pool).split()
     status, body = await submit(http, cagent, "DELETE", f"{images}/{img1}")
     assert status == 404
+
+
+async def test_image_url_is_parsed_whole(cagent, backups, http):
+    """Issue 10.5: the image URL was checked by its prefix only."""
+    images = f"{BS}/{backups[0]['uuid']}/images"
+    status, before = await get(http, cagent, images)
+    for url in ["http://127.0.0.1/x.qcow2\nX-Injected: 1", "http://127.0.0.1/a b", "http://h\x00/",
+                "ftp://127.0.0.1/x", "http://", "http:///x", "http://127.0.0.1:0/x",
+                "http://127.0.0.1:70000/x", "http://127.0.0.1/../../etc/passwd",
+                "http://127.0.0.1/a/./b", "http://bad_host/x", "http://[zz::x]/x",
+                "https://127.0.0.1:80:80/x", "file:///etc/passwd", " http://127.0.0.1/x"]:
+        status, body = await submit(http, cagent, "POST", images, {"params": {"url": url}})
+        assert status == 400 and "'url'" in body["error"]["description"], (url, body)
+    status, after = await get(http, cagent, images)
+    assert after["inventories"] == before["inventories"]
+    # well-formed URLs (IPv6, a port, credentials, a query) get past the check
+    for url in ["http://[::1]:1/x.qcow2", "https://u:p@example.invalid:8443/a%20b?x=1"]:
+        status, body = await submit(http, cagent, "POST", images, {"params": {"url": url}})
+        assert status == 202, (url, body)
+        status, body = await wait_job(http, cagent, body["location"], 30)
+        assert status != 400, (url, body)
 
 
 async def test_delete_storage_forgets_it_and_its_key(cagent, ceph_cluster, http):

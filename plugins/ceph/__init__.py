@@ -48,14 +48,14 @@ from .cluster import (AccessDenied, ClusterDown, Connection, Endpoint, FsidMisma
                       parse_mon_url, translate)
 from .models import (AddCephBackupStorage, AddCephPrimaryStorage, AddImage, AddMons, AddPool,
                      BackupReply, Capacity, CephBackupStorageInventory,
-                     CephPrimaryStorageInventory, CloneVolume, CreateSnapshot, CreateVolume,
+                     CephPrimaryStorageInventory, CleanUpResult, CloneVolume, CreateSnapshot, CreateVolume,
                      DeleteImageQuery, DeletePoolQuery, DeleteSnapshot, DeleteVolumeQuery,
                      Deleted, Empty, ExportImage, ExportReply, ImageInventory, ImageReply,
                      MigrateImage, MonInventory, PoolInventory, PoolReply, PrimaryReply,
                      RemoveMonsQuery, ResizeVolume, SnapshotParams, UpdateMon, UpdatePool,
                      VolumeInventory, VolumeReply, UUID_RE)
 from .progress import Progress
-from .secrets import KeyStore, keyring_has_user
+from .secrets import KeyStore, keyring_has_user, write_quiet_conf
 from .store import Store
 
 log = logging.getLogger("node_agent.ceph")
@@ -144,6 +144,7 @@ class CephPlugin(Plugin):
             self._close_runner(conn)
 
     def _prepare_dirs(self) -> None:
+        cluster.QUIET_CONF = str(write_quiet_conf(self.agent.state_dir / "ceph" / "quiet.conf"))
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for f in self.tmp_dir.glob("import-*"):     # spools of imports cut short by a stop
             try:
@@ -524,6 +525,36 @@ class CephPlugin(Plugin):
     @sync_ceph_primary_storage_capacity.check
     async def _sync_primary_check(self, params, uuid: str) -> None:
         self._storage(uuid, PRIMARY)
+
+    @action(PSU + "/actions", "cleanUpImageCacheOnPrimaryStorage", params=Empty,
+            result=CleanUpResult)
+    async def clean_up_ceph_image_cache(self, job, params: Empty, uuid: str) -> CleanUpResult:
+        """Remove the cached images (and their snapshots) in the image cache pool that no
+        volume clones from; cloned-from, open ones and the agent's volumes there stay."""
+        s = self._storage(uuid, PRIMARY)
+        pool = self._cache_pool(s)
+        keep = {v["name"] for v in self.store.volumes.values()
+                if v["storageUuid"] == uuid and v["poolName"] == pool}
+        async with self.locks[("cache", uuid)]:
+            out = await self.ceph_long(uuid, job, rbdvols.clean_cache, pool, keep,
+                                       what=f"cleaning up the image cache pool {pool}",
+                                       message=f"cleaning up {pool}")
+        log.info("Ceph primary storage %s: image cache %s cleaned up: %d removed (%d bytes), %d kept",
+                 uuid, pool, len(out["removedImageUuids"]), out["removedBytes"],
+                 len(out["keptImageUuids"]))
+        return CleanUpResult.model_validate(out)
+
+    @clean_up_ceph_image_cache.check
+    async def _clean_up_cache_check(self, params, uuid: str) -> None:
+        self._cache_pool(self._storage(uuid, PRIMARY))
+
+    def _cache_pool(self, s: dict[str, Any]) -> str:
+        pool = s["imageCachePoolName"]
+        if pool in (s["rootVolumePoolName"], s["dataVolumePoolName"]):
+            raise conflict(f"the image cache pool {pool} of Ceph primary storage {s['uuid']} is "
+                           "also a volume pool: cleaning it up could remove volumes, so nothing "
+                           "is done")
+        return pool
 
     # --- mons (both kinds) -----------------------------------------------------------------
 

@@ -77,6 +77,8 @@ rados: Any = LazyModule("rados")
 rbd: Any = LazyModule("rbd")
 
 ETIMEDOUT = 110
+# A config file that keeps librados's log off stderr (written by the plugin at start).
+QUIET_CONF: str | None = None
 DEFAULT_MON_PORT = 6789
 
 
@@ -307,7 +309,10 @@ class Connection:
         if not self.mon_host:   # from the operator's ceph.conf
             del conf["mon_host"]
         # conffile=None reads no file at all ('' would read /etc/ceph/ceph.conf)
-        return rados.Rados(rados_id=self.user, conffile=self.conf_path or None, conf=conf)
+        r = rados.Rados(rados_id=self.user, conffile=self.conf_path or None, conf=conf)
+        if QUIET_CONF:      # keeps what the first file set; see secrets.QUIET_CONF
+            r.conf_read_file(QUIET_CONF)
+        return r
 
     def _connect(self) -> _Handle:
         r = self._make()

@@ -8,6 +8,7 @@ same style.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Literal
 
@@ -208,6 +209,14 @@ class BackupReply(WireModel):
 
 class Empty(WireModel):
     pass
+
+
+class CleanUpResult(WireModel):
+    """cleanUpImageCacheOnPrimaryStorage: the images removed from (and kept in) the
+    storage's image cache pool; the names are the cached images' uuids."""
+    removed_image_uuids: list[str]
+    removed_bytes: int = Field(description="bytes the removed images had allocated")
+    kept_image_uuids: list[str] = Field(description="cloned from, open, or a volume")
 
 
 # --- capacity --------------------------------------------------------------------------
@@ -468,6 +477,37 @@ class ImageReply(WireModel):
     inventory: ImageInventory
 
 
+_URL_RE = re.compile(r"(?P<scheme>https?)://(?:[^@/?#]*@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#\[\]@]+)"
+                     r"(?::(?P<port>[0-9]{1,5}))?(?P<rest>[/?#].*)?", re.I | re.S)
+_HOST_NAME_RE = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+                           r"(\.[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def check_image_url(v: str) -> str:
+    """An image URL parsed whole: http(s), a host name or IP, an optional port 1-65535,
+    no whitespace or control character anywhere (encode them as %XX), no '.' or '..'
+    path segment.  Credentials may be given (never stored or shown)."""
+    if re.search(r"[\x00-\x20\x7f-\x9f]", v):
+        raise ValueError("url must not contain spaces or control characters (percent-encode them)")
+    m = _URL_RE.fullmatch(v)
+    if not m:
+        raise ValueError("url must be an http:// or https:// URL with a host")
+    host, port = m.group("host"), m.group("port")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"url: '{host[:100]}' is not an IPv6 address") from None
+    elif not _HOST_NAME_RE.fullmatch(host):
+        raise ValueError(f"url: '{host[:100]}' is not a host name or an IP address")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"url: port {port} is out of range 1-65535")
+    path = re.split(r"[?#]", m.group("rest") or "", maxsplit=1)[0]
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise ValueError("url must not have a '.' or '..' path segment")
+    return v
+
+
 class AddImage(WireModel):
     url: str = Field(min_length=1, max_length=4096, description="http(s) URL of the image")
     image_uuid: str | None = None
@@ -480,9 +520,7 @@ class AddImage(WireModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("url must be an http:// or https:// URL")
-        return v
+        return check_image_url(v)
 
     @field_validator("image_uuid")
     @classmethod

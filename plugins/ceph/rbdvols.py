@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from agent import errors
+
 from .cluster import conflict, not_found, rbd
 from .progress import Progress
 
@@ -319,3 +321,53 @@ def remove(r: Any, pool: str, name: str, force: bool, progress: Progress) -> Non
                     raise conflict(f"image {pool}/{name} is in use (it has watchers): stop "
                                    "whatever has it open") from None
                 time.sleep(0.5)
+
+
+def clean_cache(r: Any, pool: str, keep: set[str], progress: Progress) -> dict[str, Any]:
+    """Remove the images of an image cache pool that nothing clones from.
+
+    An image is kept when a snapshot of it has a clone (in the trash too), when
+    something has it open (a watcher), or when it is in ``keep`` (a volume the
+    agent created there).  Snapshots are unprotected and removed one by one, never
+    with a flatten: a clone made meanwhile makes the unprotect fail and the image
+    is kept."""
+    with ioctx(r, pool) as io:
+        names = sorted(rbd.RBD().list(io))
+    removed: list[str] = []
+    kept: list[str] = []
+    freed = 0
+    for n, name in enumerate(names):
+        if progress.is_cancelled():
+            break
+        progress.report(n, len(names), f"checking {pool}/{name}")
+        if name in keep:
+            kept.append(name)
+            continue
+        try:
+            with image(r, pool, name) as img:
+                snaps = img.list_snaps()
+                clones = []
+                for s in snaps:
+                    img.set_snap(s["name"])
+                    try:
+                        clones += list(img.list_children2())
+                    finally:
+                        img.set_snap(None)
+                if clones or _safe(img.watchers_list):
+                    kept.append(name)
+                    continue
+                used = used_bytes(img, img.size())
+                for s in snaps:
+                    if img.is_protected_snap(s["name"]):
+                        img.unprotect_snap(s["name"])     # EBUSY if a clone appeared
+                    img.remove_snap(s["name"])
+            with ioctx(r, pool) as io:
+                rbd.RBD().remove(io, name)
+        except errors.NotFound:
+            continue                      # removed by someone else meanwhile
+        except (rbd.ImageBusy, rbd.ImageHasSnapshots):
+            kept.append(name)
+            continue
+        removed.append(name)
+        freed += used
+    return {"removedImageUuids": removed, "removedBytes": freed, "keptImageUuids": kept}

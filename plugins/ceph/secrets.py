@@ -16,13 +16,21 @@ import base64
 import binascii
 import os
 import re
+import struct
 from pathlib import Path
 
-CEPHX_KEY_BYTES = 28   # type(2) + created(8) + length(2) + secret(16)
+# A CephX secret as `ceph auth get-key` prints it: base64 of a 12-byte header (le16 type,
+# 1 = AES; le32 seconds and le32 nanoseconds of its creation; le16 length, 16) and the
+# 16-byte AES key.  librados refuses anything else *and prints the refused value to
+# stderr*, so the agent checks all of it before librados ever sees a key.
+CEPHX_HEADER = struct.Struct("<HIIH")
+CEPHX_AES, CEPHX_AES_LEN = 1, 16
+CEPHX_KEY_BYTES = CEPHX_HEADER.size + CEPHX_AES_LEN   # 28
+_HINT = "(copy it from 'ceph auth get-key client.<user>')"
 
 
 def check_key(key: str) -> str | None:
-    """Why ``key`` is not a cephx key, or None.  The message never quotes the key."""
+    """Why ``key`` is not a cephx secret, or None.  The message never quotes the key."""
     text = key.strip()
     if not text:
         return "the key is empty"
@@ -30,10 +38,32 @@ def check_key(key: str) -> str | None:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return "the key is not base64 (a cephx key looks like 'AQB...==', 40 characters)"
+    if base64.b64encode(raw).decode() != text:
+        return f"the key is not in canonical base64 (40 characters ending in '==') {_HINT}"
     if len(raw) != CEPHX_KEY_BYTES:
-        return (f"the key decodes to {len(raw)} bytes, a cephx key has {CEPHX_KEY_BYTES} "
-                "(copy it from 'ceph auth get-key client.<user>')")
+        return f"the key decodes to {len(raw)} bytes, a cephx key has {CEPHX_KEY_BYTES} {_HINT}"
+    typ, _sec, nsec, length = CEPHX_HEADER.unpack_from(raw)
+    if typ != CEPHX_AES:
+        return f"the key is not a cephx secret: its type is {typ}, not 1 (AES) {_HINT}"
+    if length != CEPHX_AES_LEN:
+        return (f"the key is not a cephx secret: it declares a {length}-byte secret, "
+                f"not {CEPHX_AES_LEN} {_HINT}")
+    if nsec >= 1_000_000_000:
+        return f"the key is not a cephx secret: its creation time is malformed {_HINT}"
     return None
+
+
+# librados's own log lines go to the agent's stderr (its log) and may quote a keyring
+# line.  Set through Rados(conf=...) these two options do not silence the lines it
+# prints while loading a keyring (tried with librados 16.2); read from a config file
+# they do.  cluster.Connection reads this file into every handle it makes.
+QUIET_CONF = "[global]\n\tlog_to_stderr = false\n\terr_to_stderr = false\n"
+
+
+def write_quiet_conf(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(QUIET_CONF)
+    return path
 
 
 def keyring_text(user: str, key: str) -> bytes:
