@@ -337,15 +337,15 @@ def clean_cache(r: Any, pool: str, keep: set[str], progress: Progress) -> dict[s
     kept: list[str] = []
     freed = 0
     for n, name in enumerate(names):
-        if progress.is_cancelled():
+        if progress.is_cancelled:
             break
         progress.report(n, len(names), f"checking {pool}/{name}")
         if name in keep:
             kept.append(name)
             continue
         try:
-            with image(r, pool, name) as img:
-                snaps = img.list_snaps()
+            with image(r, pool, name, read_only=True) as img:   # read-only: no watch of ours
+                snaps = list(img.list_snaps())
                 clones = []
                 for s in snaps:
                     img.set_snap(s["name"])
@@ -353,10 +353,11 @@ def clean_cache(r: Any, pool: str, keep: set[str], progress: Progress) -> dict[s
                         clones += list(img.list_children2())
                     finally:
                         img.set_snap(None)
-                if clones or _safe(img.watchers_list):
+                if clones or _safe(lambda: list(img.watchers_list())):
                     kept.append(name)
                     continue
                 used = used_bytes(img, img.size())
+            with image(r, pool, name) as img:
                 for s in snaps:
                     if img.is_protected_snap(s["name"]):
                         img.unprotect_snap(s["name"])     # EBUSY if a clone appeared
