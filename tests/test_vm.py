@@ -355,6 +355,52 @@ async def test_lifecycle_events_stats_and_wrong_states(agent_factory, http, libv
                       "Destroyed"], states
 
 
+def virsh_xml(uri: str, uuid: str, inactive: bool = False) -> ET.Element:
+    argv = ["virsh", "-c", uri, "dumpxml", str(uuidlib.UUID(uuid))] + (["--inactive"] if inactive else [])
+    return ET.fromstring(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+
+
+async def test_usb_redirect_on_a_default_vm(agent_factory, http, libvirtd, lv, tmp_path):  # noqa: F811
+    """Issue 13.5: a VM defined with default settings takes USB redirection, running."""
+    agent = agent_factory(vm_config(libvirtd.uri)).start()
+    await wait_libvirt(http, agent)
+    inv = await define(http, agent, spec(name(), make_disk(tmp_path), graphics={"type": "spice"}))
+    uuid = inv["uuid"]
+    status, body = await act(http, agent, uuid, "startVmInstance")
+    assert status == 200 and body["inventory"]["state"] == "Running", body
+    usb = virsh_xml(libvirtd.uri, uuid).findall("devices/controller[@type='usb']")
+    assert [(c.get("model"), c.get("ports")) for c in usb] == [("qemu-xhci", "15")]
+    status, body = await act(http, agent, uuid, "setVmUsbRedirect", {"enable": True})
+    assert (status, body) == (200, {"enable": True})
+    for inactive in (False, True):
+        redirs = virsh_xml(libvirtd.uri, uuid, inactive).findall("devices/redirdev")
+        assert [(r.get("bus"), r.get("type")) for r in redirs] == [("usb", "spicevmc")] * 2, inactive
+    status, body = await act(http, agent, uuid, "setVmUsbRedirect", {"enable": False})
+    assert (status, body) == (200, {"enable": False})
+    for inactive in (False, True):
+        assert virsh_xml(libvirtd.uri, uuid, inactive).findall("devices/redirdev") == [], inactive
+    status, body = await act(http, agent, uuid, "setVmUsbRedirect", {"enable": True})
+    assert status == 200 and len(virsh_xml(libvirtd.uri, uuid).findall("devices/redirdev")) == 2
+
+    # The spec chooses the model: the old default (2 ports, one taken by the tablet) has
+    # no room for two channels, and says so; usbController none is refused with a tablet.
+    old = await define(http, agent, spec(name(), make_disk(tmp_path, "old.qcow2"),
+                                         graphics={"type": "spice"}, usbController="piix3-uhci"))
+    status, body = await act(http, agent, old["uuid"], "startVmInstance")
+    assert status == 200, body
+    usb = virsh_xml(libvirtd.uri, old["uuid"]).findall("devices/controller[@type='usb']")
+    assert [c.get("model") for c in usb] == ["piix3-uhci"]
+    status, body = await act(http, agent, old["uuid"], "setVmUsbRedirect", {"enable": True})
+    assert status == 503 and "USB" in body["error"]["code"], body
+    assert virsh_xml(libvirtd.uri, old["uuid"], True).findall("devices/redirdev") == []
+    status, body = await submit(http, agent, "POST", "/v1/vm-instances", {"params": spec(
+        name(), make_disk(tmp_path, "none.qcow2"), graphics={"type": "spice"}, usbController="none")})
+    assert status == 400 and "usbController none" in body["error"]["description"], body
+    status, body = await submit(http, agent, "POST", "/v1/vm-instances", {"params": spec(
+        name(), make_disk(tmp_path, "bad.qcow2"), usbController="xhci'/><evil")})
+    assert status == 400, body
+
+
 async def test_one_stuck_vm_does_not_stall_the_others(agent_factory, http, libvirtd, lv,  # noqa: F811
                                                       tmp_path, receiver):
     agent = agent_factory(vm_config(libvirtd.uri)).start()

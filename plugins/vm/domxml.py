@@ -66,6 +66,9 @@ def choose_domain_type(caps_xml: str, kvm_ok: bool, wanted: str = "auto") -> tup
     return offered[0], arch.get("name")
 
 
+XHCI_PORTS = {"qemu-xhci": 15, "nec-xhci": 15}   # QEMU's maximum for both
+
+
 def render(spec: VmSpec, uuid: str, domain_type: str, arch: str,
            block_paths: frozenset[str] = frozenset()) -> str:
     """The domain XML of spec; block_paths are disk paths that are block devices."""
@@ -123,6 +126,12 @@ def render(spec: VmSpec, uuid: str, domain_type: str, arch: str,
             attrs["passwd"] = g.password.get_secret_value()
         gr = _sub(devices, "graphics", type=g.type, **attrs)
         _sub(gr, "listen", type="address", address=g.listen)
+    # Without a USB controller libvirt adds a 2-port piix3-uhci: the tablet takes one
+    # port and setVmUsbRedirect's two channels find no room.
+    usb = {"model": spec.usb_controller}
+    if spec.usb_controller in XHCI_PORTS:
+        usb["ports"] = str(XHCI_PORTS[spec.usb_controller])
+    _sub(devices, "controller", type="usb", index="0", **usb)
     if spec.graphics:
         _sub(devices, "input", type="tablet", bus="usb")
 

@@ -189,6 +189,10 @@ class VmSpec(WireModel):
     hostdevs: list[HostdevSpec] = Field([], max_length=32)
     boot_order: list[Literal["hd", "cdrom", "network"]] = Field(["hd", "cdrom"], min_length=1,
                                                                  max_length=3)
+    usb_controller: Literal["qemu-xhci", "nec-xhci", "ich9-ehci1", "piix3-uhci", "none"] = Field(
+        "qemu-xhci", description="the USB controller's model: qemu-xhci (USB 3, 15 ports, room for "
+        "the tablet, USB redirection and USB passthrough); piix3-uhci has 2 ports; none: no USB "
+        "(then no graphics tablet and no USB hostdev)")
 
     @field_validator("uuid")
     @classmethod
@@ -234,6 +238,8 @@ class VmSpec(WireModel):
             raise ValueError("the same host device is listed twice")
         if len(set(self.boot_order)) != len(self.boot_order):
             raise ValueError("bootOrder lists a device twice")
+        if self.usb_controller == "none" and (self.graphics or any(h.type == "usb" for h in self.hostdevs)):
+            raise ValueError("usbController none leaves no USB bus for the graphics tablet or a USB hostdev")
         for prefix, buses in (("vd", ("virtio",)), ("sd", ("sata",)), ("hd", ("ide",))):
             n = sum(1 for d in self.disks if d.bus in buses)
             limit = 4 if prefix == "hd" else 26
