@@ -179,7 +179,8 @@ def dead_peer(args) -> int:
     worst = 0.0
     for phase in ("baseline", "during 20 hung calls", "while known Disconnected"):
         s, p99 = stats_ms(res[phase]), p99_ms(res[phase])
-        worst = max(worst, p99 / base_p99)
+        if phase != "baseline":
+            worst = max(worst, p99 / base_p99)
         lines.append(f"| {phase} | {s['n']} | {s['median']:.2f} | {s['p95']:.2f} | {p99:.2f} | "
                      f"{max(res[phase]) * 1000:.2f} | {p99 / base_p99:.2f}x |")
     f = stats_ms(res["dead_fast"])
@@ -187,7 +188,7 @@ def dead_peer(args) -> int:
     ok_dead = res["dead_all_answered_s"] <= res["mon_op"] + 2
     ok_fast = f["median"] < 100
     lines += ["",
-              f"- healthy p99 at most {worst:.2f}x its baseline (target <= 2x: "
+              f"- healthy p99 during the outage at most {worst:.2f}x its baseline (target <= 2x: "
               f"**{'met' if ok_p99 else 'MISSED'}**).",
               f"- the 20 calls on the dead cluster all answered within "
               f"{res['dead_all_answered_s']:.2f} s (one call's bound: mon op timeout "
