@@ -401,6 +401,36 @@ async def test_usb_redirect_on_a_default_vm(agent_factory, http, libvirtd, lv, t
     assert status == 400, body
 
 
+async def test_stats_show_a_started_vm_within_a_second(agent_factory, http, libvirtd, lv, tmp_path):  # noqa: F811
+    """Issue 13.6: a lifecycle change wakes the sampler (the interval here is 60 s)."""
+    agent = agent_factory(vm_config(libvirtd.uri, stats_interval_seconds=60)).start()
+    await wait_libvirt(http, agent)
+    status, body = await get(http, agent, "/v1/vm-instances/stats")    # the first pass is done
+    assert status == 200, body
+
+    async def seen(uuid: str, state: str) -> float:
+        t0 = time.monotonic()
+        while True:
+            status, body = await get(http, agent, "/v1/vm-instances/stats", q=f"uuid={uuid}")
+            assert status == 200, body
+            if body["inventories"] and body["inventories"][0]["state"] == state:
+                return time.monotonic() - t0
+            assert time.monotonic() - t0 < 5, (state, body)
+            await asyncio.sleep(0.05)
+
+    inv = await define(http, agent, spec(name(), make_disk(tmp_path)))
+    assert await seen(inv["uuid"], "Stopped") < 1.0
+    status, body = await act(http, agent, inv["uuid"], "startVmInstance")
+    assert status == 200, body
+    took = await seen(inv["uuid"], "Running")
+    assert took < 1.0, took
+    status, body = await get(http, agent, "/v1/vm-instances/stats", q=f"uuid={inv['uuid']}")
+    assert body["inventories"][0]["ageSeconds"] < 1.0
+    status, body = await act(http, agent, inv["uuid"], "stopVmInstance", {"type": "cold"})
+    assert status == 200, body
+    assert await seen(inv["uuid"], "Stopped") < 4.0       # the Stopped event is held 2 s
+
+
 async def test_one_stuck_vm_does_not_stall_the_others(agent_factory, http, libvirtd, lv,  # noqa: F811
                                                       tmp_path, receiver):
     agent = agent_factory(vm_config(libvirtd.uri)).start()

@@ -92,7 +92,8 @@ class VmPlugin(Plugin):
             return
         self.conn = self.agent.libvirt()
         self.tracker = LifecycleTracker(self.agent.events.publish,
-                                        hold_seconds=self.conf.stopped_event_hold_seconds)
+                                        hold_seconds=self.conf.stopped_event_hold_seconds,
+                                        on_change=self.sampler.wake)
         self.tracker.start()
         self.agent.metrics.registry.register(self.collector)
         self.conn.subscribe(LIFECYCLE_EVENT, self._on_lifecycle)

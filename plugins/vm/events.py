@@ -23,8 +23,9 @@ EVENT_TYPE = "VmStateChanged"
 
 class LifecycleTracker:
     def __init__(self, publish: Callable[[str, dict[str, Any]], Awaitable[Any]], *,
-                 hold_seconds: float = 2.0) -> None:
+                 hold_seconds: float = 2.0, on_change: Callable[[], None] | None = None) -> None:
         self._publish = publish
+        self._on_change = on_change            # told of every VmStateChanged (the sampler)
         self.hold = hold_seconds
         self.known: dict[str, str] = {}        # uuid -> last reported (or seeded) state
         self._pending: dict[str, tuple[asyncio.TimerHandle, dict[str, Any]]] = {}
@@ -125,6 +126,7 @@ class LifecycleTracker:
             return
         self.known[uuid] = state
         self._queue.put_nowait(data)
+        self._changed()
 
     def _flush(self, uuid: str) -> None:
         entry = self._pending.pop(uuid, None)
@@ -135,3 +137,11 @@ class LifecycleTracker:
         # Nothing else happened to this VM meanwhile: any event for it flushes first.
         self.known[uuid] = data["state"]
         self._queue.put_nowait(data)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("a VmStateChanged listener failed")
