@@ -226,19 +226,31 @@ class CephPlugin(Plugin):
         def work() -> Any:
             if not probe:
                 self._fail_if_down(conn, what)
-            with conn.use() as r:
-                return fn(r, *args)
+            try:
+                with conn.use() as r:
+                    return fn(r, *args)
+            except Exception as e:
+                # Marked here, in the thread, before this thread takes the next queued
+                # call: marked on the loop, a second batch would already be waiting.
+                err = translate(e, what, conn.label, self.timeouts)
+                if isinstance(err, Unreachable):
+                    self._mark_down(conn, err.description)
+                raise
         if not probe:
             self._fail_if_down(conn, what)
         try:
             return await self.raw_call(conn.label, work, what=what, timeout=timeout,
                                        runner=self._conn_runner(conn))
-        except Unreachable as e:
-            if conn.down is None:
-                conn.down = (time.monotonic(), e.description)
-                log.warning("Ceph cluster at %s is unreachable; its calls fail fast until the "
-                            "health check reaches it again", conn.label)
+        except Unreachable as e:       # also the runner's own timeout
+            self._mark_down(conn, e.description)
             raise
+
+    @staticmethod
+    def _mark_down(conn: Connection, reason: str) -> None:
+        if conn.down is None:
+            conn.down = (time.monotonic(), reason)
+            log.warning("Ceph cluster at %s is unreachable; its calls fail fast until the "
+                        "health check reaches it again", conn.label)
 
     def _fail_if_down(self, conn: Connection, what: str) -> None:
         down = conn.down
