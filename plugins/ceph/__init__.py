@@ -186,7 +186,11 @@ class CephPlugin(Plugin):
             await self.runner.call(conn.close, timeout=self.timeouts.call)
         except Exception:
             log.warning("closing a Ceph connection to %s did not finish", conn.label)
-        self._close_runner(conn)
+        # Closed later, not now: closing drops the calls still queued in it (a storage's
+        # mons were changed under them); by then each has had its full timeout.
+        runner, conn.runner = conn.runner, None
+        if runner is not None:
+            asyncio.get_running_loop().call_later(self.timeouts.call, runner.close)
 
     def _conn_runner(self, conn: Connection) -> Runner:
         """The cluster's own bounded pool: made on first use, closed with the connection.
