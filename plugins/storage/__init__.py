@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
-from agent import errors
+from agent import errors, paths
 from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
@@ -452,8 +452,13 @@ class StoragePlugin(Plugin):
                 raise errors.Conflict(f"{root} overlaps primary storage {other.uuid} at {other.root}",
                                       code="STORAGE.1009")
 
-    def _plan(self, kind: str, params) -> StorageRow:
-        """The row a registration would create; every refusal that needs no I/O, as a 4xx."""
+    async def _plan(self, kind: str, params) -> StorageRow:
+        """The row a registration would create; every refusal of its parameters, as a 4xx.
+
+        The directory (local/smp url, NFS mountPath) must lie under [storage] allowed_roots
+        once resolved (agent/paths.py); the row keeps the resolved path as its mount path,
+        so nothing later follows a symlink the check did not see.
+        """
         try:
             if kind == NFS:
                 nfs.check_nfs_url(params.url)
@@ -467,6 +472,9 @@ class StoragePlugin(Plugin):
                 uuid = params.storage_uuid() or uuidlib.uuid4().hex
         except nfs.BadInput as e:
             raise errors.BadRequest(str(e), code="STORAGE.1001") from None
+        mp = str(await self.runner.call(paths.confine, mp, self.agent.config.roots,
+                                        what="mountPath" if kind == NFS else "url",
+                                        timeout=self.conf.call_timeout_seconds))
         row = StorageRow(uuid=uuid, type=kind, name=params.name or "", url=url, mount_path=mp,
                          description=params.description, zone_uuid=params.zone_uuid,
                          mount_options=getattr(params, "mount_options", None))
@@ -475,7 +483,7 @@ class StoragePlugin(Plugin):
         return row
 
     async def _register_check(self, kind: str, params) -> None:
-        row = self._plan(kind, params)
+        row = await self._plan(kind, params)
         existing = self.storages.get(row.uuid) if params.storage_uuid() else None
         if existing is not None:
             if existing.row.type != kind or existing.row.url != row.url:
@@ -519,7 +527,7 @@ class StoragePlugin(Plugin):
             await probe.close()
 
     async def _register(self, job, kind: str, params) -> PrimaryStorageReply:
-        row = self._plan(kind, params)
+        row = await self._plan(kind, params)
         existing = self.storages.get(row.uuid)
         if existing is not None:
             return PrimaryStorageReply(inventory=existing.row.inventory())
