@@ -14,7 +14,9 @@ path, a VM disk or ISO, the image store url) goes through ``confine``:
 
 A refusal is ``PathRefused``: 400 with code SYS.1007, naming the rule and the
 allowed roots.  Resolving touches the filesystem (lstat, readlink), so callers
-run ``confine`` off the event loop, with a timeout (a hung NFS mount may block).
+run ``confine`` off the event loop, with a timeout (a hung NFS mount may block);
+a caller that must not leave a thread stuck there resolves in a process of its
+own and passes the result to ``judge`` (the storage plugin's helper does).
 """
 
 from __future__ import annotations
@@ -136,8 +138,20 @@ def check_shape(path: str, what: str = "path") -> str:
 
 def confine(path: str, roots: Roots, *, must_exist: bool = False, what: str = "path") -> Path:
     """The resolved path, if path may be used; else PathRefused.  Blocking (lstat/readlink)."""
+    real = _real(check_shape(path, what))
+    judged = judge(path, real, roots, what=what)
+    if must_exist and not os.path.exists(real):
+        raise PathRefused(f"{what} {path!r} does not exist")
+    return judged
+
+
+def judge(path: str, real: str, roots: Roots, *, what: str = "path") -> Path:
+    """confine() for a path already resolved elsewhere (os.path.realpath in a process
+    that may hang on a dead NFS server without harm): no I/O here."""
     norm = check_shape(path, what)
-    real = _real(norm)
+    real = os.path.normpath(real)
+    if not real.startswith("/"):
+        raise PathRefused(f"{what} {path!r} did not resolve to an absolute path")
     for d in roots.protected:
         if _within(d, real) or _within(d, norm):
             raise PathRefused(f"{what} {path!r} is {'' if d == real else 'over '}{d}, "
@@ -152,8 +166,6 @@ def confine(path: str, roots: Roots, *, must_exist: bool = False, what: str = "p
         shown = "" if real == norm else f" (it resolves to {real})"
         raise PathRefused(f"{what} {path!r}{shown} is outside the allowed roots "
                           f"([storage] allowed_roots): {roots.describe()}")
-    if must_exist and not os.path.exists(real):
-        raise PathRefused(f"{what} {path!r} does not exist")
     return Path(real)
 
 

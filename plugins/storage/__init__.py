@@ -472,15 +472,29 @@ class StoragePlugin(Plugin):
                 uuid = params.storage_uuid() or uuidlib.uuid4().hex
         except nfs.BadInput as e:
             raise errors.BadRequest(str(e), code="STORAGE.1001") from None
-        mp = str(await self.runner.call(paths.confine, mp, self.agent.config.roots,
-                                        what="mountPath" if kind == NFS else "url",
-                                        timeout=self.conf.call_timeout_seconds))
+        same = self.storages.get(uuid)
+        if same is not None and same.row.type == kind and same.row.url == url:
+            mp = same.row.mount_path      # judged when it was registered; it may be hung now
+        else:
+            mp = str(paths.judge(mp, await self._realpath(uuid, mp), self.agent.config.roots,
+                                 what="mountPath" if kind == NFS else "url"))
         row = StorageRow(uuid=uuid, type=kind, name=params.name or "", url=url, mount_path=mp,
                          description=params.description, zone_uuid=params.zone_uuid,
                          mount_options=getattr(params, "mount_options", None))
         if kind == SMP and params.allow_local_filesystem:
             row.extra["allowLocalFilesystem"] = True
         return row
+
+    async def _realpath(self, uuid: str, path: str) -> str:
+        """path with its symlinks resolved, by a one-shot helper: a hung filesystem on the way
+        costs a process (STORAGE.1408 after call_timeout_seconds), never one of our threads."""
+        probe = FsHelper(uuid, path, self.tag, timeout=self.conf.call_timeout_seconds, max_stuck=1)
+        try:
+            return (await probe.call("realpath"))["realpath"]
+        except FsError as e:
+            raise errors.BadRequest(f"{path}: {e}", code="STORAGE.1001") from None
+        finally:
+            await probe.close()
 
     async def _register_check(self, kind: str, params) -> None:
         row = await self._plan(kind, params)
