@@ -280,3 +280,20 @@ async def test_default_roots_and_state_mount_dir(tmp_path, http):
     finally:
         a.stop()
     assert len(fake_mount_log(tmp_path / "mounts.log")) == 1
+
+
+async def test_storage_outside_a_narrowed_rule_is_kept_with_a_warning(agent_factory, http, tmp_path):
+    """A root taken out of the list later: the storage keeps working, the log says so."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    a = agent_factory({"storage": {"allowed_roots": [str(old), str(new)]}}, name="narrow").start()
+    status, body = await add_storage(http, a, "local", {"url": str(old / "ps")})
+    assert status == 200, body
+    ps = body["inventory"]["uuid"]
+    a.stop()
+    a.config["storage"]["allowed_roots"] = [str(new)]
+    a.start()
+    status, body = await get(http, a, f"{PS}/{ps}")
+    assert status == 200 and body["inventory"]["mountPath"] == str(old / "ps")
+    assert f"primary storage {ps} is kept, but a new registration would be refused" in a.log()
+    status, body = await add_storage(http, a, "local", {"url": str(old / "ps2")})
+    _refused(status, body, "outside the allowed roots", str(new))

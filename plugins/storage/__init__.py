@@ -108,6 +108,11 @@ class StoragePlugin(Plugin):
     async def lifecycle(self):
         await self.registry.open()
         for row in await self.registry.storages():
+            try:     # the stored path is the resolved one: judged without touching the storage
+                paths.judge(row.mount_path, row.mount_path, self.agent.config.roots)
+            except paths.PathRefused as e:
+                log.warning("primary storage %s is kept, but a new registration would be "
+                            "refused: %s", row.uuid, e.description)
             st = self._make(row)
             self.storages[row.uuid] = st
             st.monitor = asyncio.create_task(self._monitor(st, initial=True), name=f"storage-{row.uuid}")
