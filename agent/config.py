@@ -12,7 +12,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+
+from . import paths
 
 
 class ConfigError(Exception):
@@ -82,12 +85,20 @@ class LibvirtConfig(_Section):
     call_timeout_seconds: float = Field(30.0, gt=0, le=3600)
 
 
+class StorageConfig(_Section):
+    """The core's keys of the [storage] table (the storage plugin reads the others)."""
+    # Every storage url, mount path, image store url and VM disk must lie under one of
+    # these (after symlinks are resolved); see agent/paths.py and README, Configuration.
+    allowed_roots: list[str] = Field(list(paths.DEFAULT_ROOTS), max_length=64)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
     auth: AuthConfig = AuthConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
+    storage: StorageConfig = StorageConfig()
     # Plugin sections ([host], [libvirt], ...) are kept raw and validated by
     # the plugin that owns them.
     plugins: dict[str, dict[str, Any]] = {}
@@ -100,8 +111,29 @@ class Config(_Section):
     def token_file(self) -> Path:
         return self.auth.token_file or self.state_dir / "token"
 
+    _roots: paths.Roots | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _resolve_roots(self) -> "Config":
+        # Resolved once, at start: a root that is (or is in, or holds) a system directory
+        # is refused here, so the agent never starts with an unsafe rule.
+        try:
+            self._roots = paths.Roots.build(self.storage.allowed_roots, state_dir=self.state_dir,
+                                            token_file=self.token_file)
+        except ValueError as e:
+            raise ValueError(f"storage.allowed_roots: {e}") from None
+        return self
+
+    @property
+    def roots(self) -> paths.Roots:
+        """The path rule of every plugin (agent.paths.confine)."""
+        return self._roots
+
 
 CORE_SECTIONS = ("server", "auth", "state", "log", "libvirt")
+# Keys of a plugin's table that the core owns: [storage] allowed_roots is the core's path
+# rule (every plugin confines paths with it); the storage plugin reads the rest of [storage].
+CORE_KEYS = {"storage": ("allowed_roots",)}
 
 
 def default_state_dir() -> Path:
@@ -115,7 +147,8 @@ def _describe(err: ValidationError, prefix: str = "") -> str:
     parts = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{prefix}{key}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{key}: {msg}" if key else msg)   # no key: a whole-config rule
     return "; ".join(parts)
 
 
@@ -142,6 +175,14 @@ def load_config(path: str | os.PathLike | None = None,
     for name, section in plugins.items():
         if not isinstance(section, dict):
             raise ConfigError(f"config key '{name}' must be a [section] table")
+    for name, keys in CORE_KEYS.items():
+        section = plugins.get(name)
+        if section is None:
+            continue
+        core[name] = {k: section[k] for k in keys if k in section}
+        plugins[name] = {k: v for k, v in section.items() if k not in keys}
+        if not plugins[name]:
+            del plugins[name]
     try:
         return Config(**core, plugins=plugins)
     except ValidationError as e:

@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Literal
 
 import aiohttp
 
+from agent import cpuinfo
 from agent.client import AgentClient, AgentError, default_base_url, read_token
 from agent.config import Config
 
@@ -87,13 +88,10 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
-def _cpu_flags() -> set[str]:
-    flags: set[str] = set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags.update(line.partition(":")[2].split())
-    return flags
+def _host_root(config: Config) -> str:
+    """Where /proc and /sys are read: [iommu] root, "/" unless a test generated a tree."""
+    root = config.plugins.get("iommu", {}).get("root") or "/"
+    return root if os.path.isabs(root) else "/"
 
 
 def _transport_reason(e: BaseException) -> str:
@@ -197,34 +195,47 @@ async def check_kvm() -> Check:
     return Check("/dev/kvm", "ok", "present and usable")
 
 
-async def check_cpu_virt() -> Check:
-    flags = _cpu_flags()
+_VIRT = {cpuinfo.INTEL: "VT-x", cpuinfo.AMD: "AMD-V (SVM)"}
+_FIRMWARE_IOMMU = {cpuinfo.INTEL: "VT-d", cpuinfo.AMD: "AMD-Vi (IOMMU)"}
+
+
+async def check_cpu_virt(root: str = "/") -> Check:
+    vendor, flags = await _in_thread(lambda: cpuinfo.read(root), FS_TIMEOUT)
     if "vmx" in flags:
         return Check("cpu virtualization", "ok", "Intel VT-x (vmx)")
     if "svm" in flags:
         return Check("cpu virtualization", "ok", "AMD-V (svm)")
+    what = _VIRT.get(cpuinfo.vendor_kind(vendor), "VT-x/AMD-V")
     return Check("cpu virtualization", "fail",
-                 "no vmx/svm flag: enable VT-x/AMD-V in firmware "
+                 f"no vmx/svm flag: enable {what} in firmware "
                  "(or nested virtualization on the parent hypervisor)")
 
 
-async def check_iommu() -> Check:
-    groups = Path("/sys/kernel/iommu_groups")
-    count = len(os.listdir(groups)) if groups.is_dir() else 0
-    if count:
-        return Check("iommu", "ok", f"active, {count} groups")
-    try:
-        cmdline = Path("/proc/cmdline").read_text()
-    except OSError:
-        cmdline = ""
-    if "intel_iommu=on" in cmdline or "amd_iommu=on" in cmdline:
-        hint = "asked for on the kernel command line: enable VT-d/AMD-Vi in firmware"
-    else:
-        flags = _cpu_flags()
-        param = "amd_iommu=on" if "svm" in flags else "intel_iommu=on"
-        hint = f"add {param} to the kernel command line and reboot"
-    # Only PCI passthrough needs it, so this is a warning, not a failure.
-    return Check("iommu", "warn", f"inactive (needed for PCI passthrough): {hint}")
+async def check_iommu(root: str = "/") -> Check:
+    def probe() -> Check:
+        groups = Path(root, "sys/kernel/iommu_groups")
+        count = len(os.listdir(groups)) if groups.is_dir() else 0
+        if count:
+            return Check("iommu", "ok", f"active, {count} groups")
+        try:
+            cmdline = Path(root, "proc/cmdline").read_text().split()
+        except OSError:
+            cmdline = []
+        # The vendor's own flag, from vendor_id (as GET /v1/iommu/state), never from
+        # svm/vmx: an AMD host with SVM off still needs amd_iommu=on, not intel_iommu=on.
+        kind = cpuinfo.vendor_kind(cpuinfo.read(root)[0])
+        flag = cpuinfo.vendor_flag(kind)
+        firmware = _FIRMWARE_IOMMU.get(kind, "VT-d/AMD-Vi")
+        asked = [flag] if flag else ["intel_iommu=on", "amd_iommu=on"]
+        if any(f in cmdline for f in asked):
+            hint = f"asked for on the kernel command line: enable {firmware} in firmware"
+        else:
+            param = flag or "intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+            hint = f"add {param} to the kernel command line and reboot"
+        # Only PCI passthrough needs it, so this is a warning, not a failure.
+        return Check("iommu", "warn", f"inactive (needed for PCI passthrough): {hint}")
+
+    return await _in_thread(probe, FS_TIMEOUT)
 
 
 # -- checks against the running agent ----------------------------------------
@@ -301,8 +312,8 @@ async def run_checks(config: Config, *, base_url: str | None = None) -> list[Che
         _guard("agent", lambda: check_agent(config, base_url), 3 * HEALTH_TIMEOUT + 2),
         _guard("libvirt", lambda: check_libvirt(config), LIBVIRT_TIMEOUT + 1),
         _guard("/dev/kvm", check_kvm, 2),
-        _guard("cpu virtualization", check_cpu_virt, 2),
-        _guard("iommu", check_iommu, 2),
+        _guard("cpu virtualization", lambda: check_cpu_virt(_host_root(config)), FS_TIMEOUT + 1),
+        _guard("iommu", lambda: check_iommu(_host_root(config)), FS_TIMEOUT + 1),
     )
     return [c for group in groups for c in group]
 

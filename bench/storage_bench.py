@@ -14,7 +14,8 @@
   once, again and again, while pings run; the agent runs in a private mount namespace.
   Targets: p99 <= 2x idle, no failed ping.
 
-Everything lives under /dev/shm (tmpfs) so the software path is measured, not the disk;
+Everything lives on a tmpfs the bench mounts (not /dev/shm: no allowed root may lie under
+/dev) so the software path is measured, not the disk;
 the page cache is warm for every contender.  Rounds alternate the contenders.  A markdown
 section is printed and appended to bench/RESULTS.md (``--no-append`` to skip).
 
@@ -444,7 +445,9 @@ def _stuck_helper(p: Path, mntns: str) -> bool:
 # --- main ----------------------------------------------------------------------------------------------
 
 async def main_async(args) -> int:
-    base = Path(tempfile.mkdtemp(prefix="storage-bench-", dir="/dev/shm"))
+    # A tmpfs of our own (like /dev/shm, which is under /dev: no allowed root may be there).
+    base = Path(tempfile.mkdtemp(prefix="storage-bench-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "storage-bench", str(base)], check=True)
     sections: list[str] = []
     load_before = os.getloadavg()[0]
     try:
@@ -462,9 +465,11 @@ async def main_async(args) -> int:
             print("\n".join(lines), flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["umount", "-l", str(base)], check=False)
+        os.rmdir(base)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = [f"### Storage run of {now}", "", f"Machine: {machine()}.  ",
-              f"Data under /dev/shm (tmpfs); {args.rounds} round(s) per contender, alternating; "
+              f"Data on a tmpfs; {args.rounds} round(s) per contender, alternating; "
               f"everything on 127.0.0.1. Load average (1 min) {load_before:.2f} at the start, "
               f"{os.getloadavg()[0]:.2f} at the end (the machine is shared with other work).", ""] + sections
     if not args.no_append:

@@ -54,8 +54,11 @@ class AgentProcess:
         self.wrapper = list(wrapper or [])
         self.state_dir = workdir / "state"
         self.port = free_port()
+        # allowed_roots: the test's own directory (storages and disks live there) and /mnt
+        # (mounts in the agent's private namespace); a test of the rule sets its own.
         self.config = {"server": {"host": "127.0.0.1", "port": self.port},
-                       "state": {"dir": str(self.state_dir)}}
+                       "state": {"dir": str(self.state_dir)},
+                       "storage": {"allowed_roots": [str(workdir.parent), "/mnt"]}}
         for section, values in (config or {}).items():
             self.config.setdefault(section, {}).update(values)
         self.env = env or {}

@@ -362,3 +362,60 @@ def test_exit_code_and_render():
     assert len(lines) > 3 and all(len(line) <= 80 for line in lines)
     detail_col = lines[0].index("DETAIL")
     assert lines[1].index("fine") == detail_col and lines[3][:detail_col].strip() == ""
+
+
+# -- doctor's IOMMU hint: the vendor's own flag (issue 13.9) -----------------------------------
+
+def _host_tree(root, vendor: str, flags: str, cmdline: str = "BOOT_IMAGE=/vmlinuz ro quiet"):
+    """/proc and /sys of a node without IOMMU groups, as the [iommu] root reads them."""
+    (root / "proc").mkdir(parents=True)
+    (root / "proc/cpuinfo").write_text(
+        "".join(f"processor\t: {n}\nvendor_id\t: {vendor}\nmodel name\t: test cpu\n"
+                f"flags\t\t: fpu vme de pse tsc msr {flags} lm\n\n" for n in range(2)))
+    (root / "proc/cmdline").write_text(cmdline + "\n")
+    (root / "sys/kernel/iommu_groups").mkdir(parents=True)
+
+
+def _doctor_process(tmp_path, root) -> dict[str, dict]:
+    """`node-agent doctor --json` as an operator runs it, with [iommu] root = the tree."""
+    import subprocess
+    import sys
+
+    from agentproc import REPO, free_port, write_toml
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "token").write_text(TOKEN + "\n")
+    os.chmod(state / "token", 0o600)
+    cfg = write_toml(tmp_path / "agent.toml", {"server": {"port": free_port()},
+                                               "state": {"dir": str(state)},
+                                               "iommu": {"root": str(root)}})
+    out = subprocess.run([sys.executable, "-m", "agent", "doctor", "--config", str(cfg), "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    return {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+
+
+@pytest.mark.parametrize("vendor, flags, cmdline, want, unwanted", [
+    # AMD with SVM off in the firmware (or a guest without nested SVM): no svm flag
+    ("AuthenticAMD", "", "ro quiet", "add amd_iommu=on to the kernel command line", "intel"),
+    ("AuthenticAMD", "svm", "ro quiet", "add amd_iommu=on", "intel"),
+    ("HygonGenuine", "", "ro quiet", "add amd_iommu=on", "intel"),
+    ("GenuineIntel", "", "ro quiet", "add intel_iommu=on", "amd"),
+    ("GenuineIntel", "vmx", "ro intel_iommu=on", "enable VT-d in firmware", "amd"),
+    ("AuthenticAMD", "", "ro amd_iommu=on", "enable AMD-Vi (IOMMU) in firmware", "intel"),
+    ("CentaurHauls", "", "ro quiet", "intel_iommu=on (Intel) or amd_iommu=on (AMD)", None),
+])
+def test_doctor_iommu_hint_uses_the_vendors_flag(tmp_path, vendor, flags, cmdline, want, unwanted):
+    root = tmp_path / "host"
+    _host_tree(root, vendor, flags, cmdline)
+    checks = _doctor_process(tmp_path, root)
+    iommu = checks["iommu"]
+    assert iommu["status"] == "warn" and want in iommu["detail"], iommu
+    if unwanted:
+        assert unwanted not in iommu["detail"].lower(), iommu
+    virt = checks["cpu virtualization"]
+    if not flags:
+        assert virt["status"] == "fail"
+        if vendor == "AuthenticAMD":
+            assert "enable AMD-V (SVM) in firmware" in virt["detail"], virt
+    else:
+        assert virt["status"] == "ok"

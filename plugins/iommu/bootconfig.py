@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-INTEL, AMD = "intel", "amd"
+from agent.cpuinfo import AMD, INTEL, vendor_flag, vendor_key, vendor_kind  # noqa: F401 (the shared rule)
+
 VARS = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT")
 PASSTHROUGH = "iommu=pt"
 
-_VENDORS = {"GenuineIntel": INTEL, "AuthenticAMD": AMD, "HygonGenuine": AMD}
 _ASSIGN = re.compile(r"^(?P<head>\s*(?:export\s+)?(?P<var>[A-Za-z_][A-Za-z0-9_]*)=)(?P<rest>.*)$",
                      re.S)
 _EXPAND = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -37,20 +37,6 @@ class BootConfigError(Exception):
 # --------------------------------------------------------------------------
 # What flags mean
 # --------------------------------------------------------------------------
-
-def vendor_kind(cpu_vendor: str | None) -> str | None:
-    """"intel" or "amd" from /proc/cpuinfo's vendor_id (Hygon is AMD's design)."""
-    return _VENDORS.get(cpu_vendor or "")
-
-
-def vendor_key(kind: str | None) -> str | None:
-    return {INTEL: "intel_iommu", AMD: "amd_iommu"}.get(kind or "")
-
-
-def vendor_flag(kind: str | None, on: bool = True) -> str | None:
-    key = vendor_key(kind)
-    return f"{key}={'on' if on else 'off'}" if key else None
-
 
 def _key_options(token: str) -> tuple[str, list[str]]:
     key, _, value = token.partition("=")

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from agent import cpuinfo
 from agent.models import WireModel
 
 from . import bootconfig
@@ -51,19 +52,7 @@ def _listdir(path: Path) -> list[str] | None:
 
 def cpu(root: str | os.PathLike) -> tuple[str | None, set[str]]:
     """(vendor_id, flags) of the first processor in <root>/proc/cpuinfo."""
-    vendor, flags = None, set()
-    for line in (_read(Path(root, "proc/cpuinfo")) or "").splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if not sep:
-            continue
-        if key == "vendor_id" and vendor is None:
-            vendor = value.strip() or None
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-        if vendor and flags:
-            break
-    return vendor, flags
+    return cpuinfo.read(root)
 
 
 def running_cmdline(root: str | os.PathLike) -> list[str]:

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
-from agent import errors
+from agent import errors, paths
 from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
@@ -108,6 +108,11 @@ class StoragePlugin(Plugin):
     async def lifecycle(self):
         await self.registry.open()
         for row in await self.registry.storages():
+            try:     # the stored path is the resolved one: judged without touching the storage
+                paths.judge(row.mount_path, row.mount_path, self.agent.config.roots)
+            except paths.PathRefused as e:
+                log.warning("primary storage %s is kept, but a new registration would be "
+                            "refused: %s", row.uuid, e.description)
             st = self._make(row)
             self.storages[row.uuid] = st
             st.monitor = asyncio.create_task(self._monitor(st, initial=True), name=f"storage-{row.uuid}")
@@ -452,8 +457,13 @@ class StoragePlugin(Plugin):
                 raise errors.Conflict(f"{root} overlaps primary storage {other.uuid} at {other.root}",
                                       code="STORAGE.1009")
 
-    def _plan(self, kind: str, params) -> StorageRow:
-        """The row a registration would create; every refusal that needs no I/O, as a 4xx."""
+    async def _plan(self, kind: str, params) -> StorageRow:
+        """The row a registration would create; every refusal of its parameters, as a 4xx.
+
+        The directory (local/smp url, NFS mountPath) must lie under [storage] allowed_roots
+        once resolved (agent/paths.py); the row keeps the resolved path as its mount path,
+        so nothing later follows a symlink the check did not see.
+        """
         try:
             if kind == NFS:
                 nfs.check_nfs_url(params.url)
@@ -467,6 +477,12 @@ class StoragePlugin(Plugin):
                 uuid = params.storage_uuid() or uuidlib.uuid4().hex
         except nfs.BadInput as e:
             raise errors.BadRequest(str(e), code="STORAGE.1001") from None
+        same = self.storages.get(uuid)
+        if same is not None and same.row.type == kind and same.row.url == url:
+            mp = same.row.mount_path      # judged when it was registered; it may be hung now
+        else:
+            mp = str(paths.judge(mp, await self._realpath(uuid, mp), self.agent.config.roots,
+                                 what="mountPath" if kind == NFS else "url"))
         row = StorageRow(uuid=uuid, type=kind, name=params.name or "", url=url, mount_path=mp,
                          description=params.description, zone_uuid=params.zone_uuid,
                          mount_options=getattr(params, "mount_options", None))
@@ -474,8 +490,19 @@ class StoragePlugin(Plugin):
             row.extra["allowLocalFilesystem"] = True
         return row
 
+    async def _realpath(self, uuid: str, path: str) -> str:
+        """path with its symlinks resolved, by a one-shot helper: a hung filesystem on the way
+        costs a process (STORAGE.1408 after call_timeout_seconds), never one of our threads."""
+        probe = FsHelper(uuid, path, self.tag, timeout=self.conf.call_timeout_seconds, max_stuck=1)
+        try:
+            return (await probe.call("realpath"))["realpath"]
+        except FsError as e:
+            raise errors.BadRequest(f"{path}: {e}", code="STORAGE.1001") from None
+        finally:
+            await probe.close()
+
     async def _register_check(self, kind: str, params) -> None:
-        row = self._plan(kind, params)
+        row = await self._plan(kind, params)
         existing = self.storages.get(row.uuid) if params.storage_uuid() else None
         if existing is not None:
             if existing.row.type != kind or existing.row.url != row.url:
@@ -519,7 +546,7 @@ class StoragePlugin(Plugin):
             await probe.close()
 
     async def _register(self, job, kind: str, params) -> PrimaryStorageReply:
-        row = self._plan(kind, params)
+        row = await self._plan(kind, params)
         existing = self.storages.get(row.uuid)
         if existing is not None:
             return PrimaryStorageReply(inventory=existing.row.inventory())

@@ -127,6 +127,10 @@ class Worker:
         return {"total": s.f_blocks * s.f_frsize, "free": s.f_bfree * s.f_frsize,
                 "avail": s.f_bavail * s.f_frsize}
 
+    def op_realpath(self) -> dict:
+        """The root with every symlink resolved (the deepest existing part of it, then the rest)."""
+        return {"realpath": os.path.realpath(self.root)}
+
     def op_prepare_root(self, create: bool = False) -> dict:
         """The root exists (made when asked) and is a directory; its device and real path."""
         if create:

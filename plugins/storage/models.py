@@ -73,18 +73,21 @@ class _AddBase(WireModel):
 
 
 class AddLocalPrimaryStorage(_AddBase):
-    """url: a directory of this node (made when missing)."""
+    """url: a directory of this node (made when missing) under [storage] allowed_roots,
+    symlinks resolved; else 400 SYS.1007."""
 
 
 class AddNfsPrimaryStorage(_AddBase):
-    """url: server:/export; mounted at mountPath (default under [storage] nfs_mount_root)."""
+    """url: server:/export; mounted at mountPath (default under [storage] nfs_mount_root),
+    which must lie under [storage] allowed_roots, symlinks resolved; else 400 SYS.1007."""
     mount_path: str | None = Field(None, max_length=4096)
     mount_options: str | None = Field(None, max_length=1024,
                                       description="comma-separated NFS mount options")
 
 
 class AddSmpPrimaryStorage(_AddBase):
-    """url: a directory on a mounted shared filesystem."""
+    """url: a directory on a mounted shared filesystem, under [storage] allowed_roots
+    (symlinks resolved); else 400 SYS.1007."""
     allow_local_filesystem: bool = Field(False, description="accept a local filesystem (tests, "
                                                             "single-node setups)")
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from agent import errors
+from agent import errors, paths
 from agent.lazy import lazy_import
 from agent.libvirt_conn import IMPORT_ERROR as BINDING_ERROR
 from agent.libvirt_conn import libvirt
@@ -278,6 +278,17 @@ class VmPlugin(Plugin):
             raise errors.Conflict(found, code="VM.1010")
 
     async def _disk_paths(self, params: VmSpec) -> tuple[list[str], frozenset[str]]:
+        # Every disk and ISO inside [storage] allowed_roots (or an RBD device), else 400
+        # SYS.1007; QEMU then gets the resolved path, never a symlink the check did not see.
+        named = [d for d in params.disks if d.path]
+        try:
+            real = await self.runner.call(_confine_disks, [d.path for d in named],
+                                          self.agent.config.roots, timeout=10)
+        except errors.Timeout:
+            raise errors.Timeout("resolving the disk paths took more than 10 s; is their "
+                                 "storage hung?", code="VM.1408") from None
+        for d, path in zip(named, real):
+            d.path = path
         must = [d.path for d in params.disks if d.device == "disk" and d.path]
         blockable = [d.path for d in params.disks if d.device == "cdrom" and d.path]
         try:
@@ -452,3 +463,8 @@ class VmPlugin(Plugin):
             await asyncio.wait_for(asyncio.shield(task), 30)
         except Exception:
             pass
+
+
+def _confine_disks(disk_paths: list[str], roots: paths.Roots) -> list[str]:
+    """Blocking (lstat/readlink): run in the plugin's pool."""
+    return [str(paths.confine_disk(p, roots)) for p in disk_paths]
