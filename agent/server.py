@@ -351,12 +351,10 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
         except errors.ApiError as e:
             resp = json_response(e.body(), status=e.status)
             if e.status == 413:
-                # The body was not read: end the connection after the answer rather
-                # than keep it for a next request behind bytes that may never come.
-                resp.force_close()
+                _close_after_answer(request, resp)
         except web.HTTPRequestEntityTooLarge:
             resp = json_response(errors.PayloadTooLarge("the request body is too large").body(), 413)
-            resp.force_close()
+            _close_after_answer(request, resp)
         except web.HTTPMethodNotAllowed as e:
             allowed = ", ".join(sorted(e.allowed_methods))
             err = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
@@ -375,6 +373,17 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
                  resp.status, t0, observe, is_job)
         return resp
     return guarded
+
+
+def _close_after_answer(request: web.Request, resp: web.Response) -> None:
+    """A body refused unread: answer, then end the connection at once.  aiohttp would
+    otherwise read and drop the rest for up to 10 s (lingering close), bytes a client
+    that declared them may never send.  No await in here: reading stops before the
+    parser can feed the body again."""
+    resp.force_close()
+    if not request.content.is_eof() and request.protocol is not None:
+        request.content.feed_eof()
+        request.protocol.pause_reading()
 
 
 def _unrouted_log_path(request: web.Request, prefixes: frozenset[str]) -> str:
