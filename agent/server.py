@@ -357,10 +357,11 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
             _close_after_answer(request, resp)
         except web.HTTPMethodNotAllowed as e:
             allowed = ", ".join(sorted(e.allowed_methods))
-            err = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
+            # logs.clean: no token in an error body either (it may end up in a client's log)
+            err = errors.MethodNotAllowed(f"{request.method} is not allowed on {logs.clean(request.path)}; use {allowed}")
             resp = json_response(err.body(), 405, headers={"Allow": allowed})
         except web.HTTPNotFound:
-            resp = json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
+            resp = json_response(errors.NotFound(f"no such URL: {logs.clean(request.path)}").body(), 404)
         except web.HTTPException as e:
             _account(request, name, log_path if unrouted is None else _unrouted_log_path(request, unrouted),
                      e.status, t0, observe, is_job)
