@@ -25,7 +25,7 @@ def mode(path: Path) -> int:
 
 # ------------------------------------------------------------------ the token file, state.db
 
-@pytest.mark.parametrize("bad", [0o644, 0o640, 0o604])
+@pytest.mark.parametrize("bad", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
 def test_a_token_file_others_can_read_is_refused(agent_factory, bad):
     agent = agent_factory()
     agent.state_dir.mkdir(mode=0o700)
