@@ -143,7 +143,10 @@ def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
     async def end_streams(_app: web.Application) -> None:
         # on_shutdown runs before aiohttp waits for open handlers: end the jobs (a
         # long-poll on one then gets its 503 at once), the event streams and the
-        # plugins' websockets now, so a stop does not wait them out.
+        # plugins' websockets now, so a stop does not wait them out.  The outbox
+        # stops first: the ended jobs' webhooks go out after the restart, rather
+        # than now and, cut off before their delivery is recorded, again then.
+        await ctx.outbox.stop()
         await ctx.jobs.shutdown()
         ctx.events.close_streams()
         for plugin in plugins.values():
