@@ -52,6 +52,11 @@ def clean(text: str) -> str:
     return text
 
 
+def redact(text: str) -> str:
+    """``text`` with the token written ``<token>``."""
+    return text.replace(_token, TOKEN_MARK) if _token is not None and _token in text else text
+
+
 def set_token(token: str) -> None:
     """The secret that is never written to the log, whatever a client puts in a URL."""
     global _token
@@ -75,7 +80,8 @@ class SafeRecords(logging.Filter):
             record.msg, record.args = "refused a malformed HTTP request from %s: %s (%s)", (
                 remote or "an unknown address", type(exc).__name__, getattr(exc, "code", 400))
             record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            if record.levelno > logging.WARNING:     # a bad request is not the agent's error
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
         try:
             message = record.getMessage()
         except Exception:            # a bad format string: let the handler report it
@@ -107,7 +113,9 @@ class JsonFormatter(logging.Formatter):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if record.exc_info:
-            out["exception"] = clean(self.formatException(record.exc_info))
+            # json.dumps escapes its newlines (no line can be forged): kept readable,
+            # only the token is taken out.
+            out["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(out)
 
 

@@ -158,3 +158,42 @@ async def test_token_never_logged_whatever_the_url(agent_factory):
     assert "PUT /v1/host/ping 405" in "\n".join(access)        # a known path: its route
     assert any(a.startswith("GET /v1/pci-devices/<token> 401 ") for a in access), access
     assert any(a.startswith("GET /v1/pci-devices/x<token>y ") for a in access), access
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_logger_is_escaped_and_redacted(fmt, capfd):
+    """Not only the access log: a record of any logger (a library's too), its arguments
+    and its traceback.  logs.setup in a child process, as the agent sets it up."""
+    import subprocess
+    import sys
+    code = f"""
+import logging
+from agent import logs
+logs.setup({fmt!r}, "DEBUG")
+logs.set_token("s3cr3t-t0ken-value")
+try:
+    raise ValueError("bad\\n{FORGED} s3cr3t-t0ken-value")
+except ValueError:
+    logging.getLogger("librados.like").exception("call failed for %s", "x\\r\\n{FORGED}")
+logging.getLogger("aiohttp.client").warning("url %s", "http://h/\\u2028{FORGED}?t=s3cr3t-t0ken-value")
+logs.flush()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         cwd=str(__import__("agentproc").REPO))
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert "s3cr3t-t0ken-value" not in out.stderr
+    if fmt == "json":
+        records = [json.loads(l) for l in lines]
+        assert len(records) == 2
+        assert records[0]["message"] == f"call failed for x\\r\\n{FORGED}"
+        assert "<token>" in records[0]["exception"] and "<token>" in records[1]["message"]
+        assert records[1]["message"] == f"url http://h/\\u2028{FORGED}?t=<token>"
+    else:
+        starts = [l for l in lines if TEXT_LINE.match(l)]
+        assert len(starts) == 2, lines
+        assert all(l.startswith(" | ") for l in lines if l not in starts), lines
+        assert starts[0].endswith(f"librados.like: call failed for x\\r\\n{FORGED}")
+        # the exception's own newline stays a line break, behind the marker
+        assert " |   File" in out.stderr and " | ValueError: bad" in lines and f" | {FORGED} <token>" in lines
+        assert starts[1].endswith(f"aiohttp.client: url http://h/\\u2028{FORGED}?t=<token>")
