@@ -337,6 +337,14 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
             f"{verdict(rr >= MIN_RPS_RATIO)}), p99 ratio {pr:.2f} (target <= {MAX_P99_RATIO:g}: "
             f"{verdict(pr <= MAX_P99_RATIO)}), idle RSS {mb:.1f} MB (target <= {MAX_IDLE_RSS_MB:g}: "
             f"{verdict(mb <= MAX_IDLE_RSS_MB)}).")
+    for name in ("agent", "agent-warn"):
+        if name in runs:
+            # Each round's runs are back to back: their ratio shares the machine's state
+            # of that moment, where the means above mix rounds a busy machine made unlike.
+            per_round = [a["rps"] / b["rps"] for a, b in zip(runs[name], runs["bare"])]
+            lines.append(f"- `{name}` throughput ratio per round (vs the bare run of the same round): "
+                         f"{' / '.join(format(r, '.2f') for r in per_round)}; median "
+                         f"{sorted(per_round)[len(per_round) // 2]:.2f}.")
     for name, n in logs.items():
         lines.append(f"- `{name}` wrote {n} log lines during the load (warm-ups included).")
     if any(a["errors"] for a in agg.values()):
