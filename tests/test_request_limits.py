@@ -66,6 +66,17 @@ async def test_declared_body_over_the_limit_is_413_at_once(agent_factory):
         s.sendall(big)
         status, _, reply, _ = read_reply(s, timeout=10)
     assert status == 413, reply
+    # chunked, no size declared: 413 once the limit is passed, with the stream left open
+    s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+    with s:
+        chunk = b'{"kvmRunShell": {"script": "' + b"x" * (LIMIT + 100)
+        s.sendall(b"PUT /v1/host/actions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  + f"Authorization: OAuth {agent.token}\r\n\r\n".encode()
+                  + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        status, headers, _, took = read_reply(s, timeout=5)
+        assert status == 413 and took < 1.0 and headers.get("connection", "").lower() == "close"
+        s.settimeout(5)
+        assert s.recv(1) == b""
     # no token: 401 at once as before, the declared size tells nothing
     s = headers_only(agent, "PUT", "/v1/host/actions", 10 * LIMIT, token=False)
     with s:
@@ -74,4 +85,4 @@ async def test_declared_body_over_the_limit_is_413_at_once(agent_factory):
     agent.stop()
     log = agent.log()
     assert "Traceback" not in log and " ERROR " not in log, log
-    assert log.count(" 413 ") == 3, log
+    assert log.count(" 413 ") == 4, log
