@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import ssl
+import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -60,13 +61,32 @@ def check_sections(config: Config, classes: dict[str, type[Plugin]]) -> dict[str
 
 
 def ensure_token(path: Path) -> str:
-    """Read the token, or create one (0600) on first start."""
+    """Read the token, or create one (0600) on first start.
+
+    An existing token file that others can read (any group or other bit) or that
+    another user owns is refused: the token may already have been read, so
+    quietly fixing the mode would keep a leaked credential in use.  The operator
+    chmods it (and replaces the token if it could have been read)."""
     try:
-        token = path.read_text().strip()
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = None
+    except OSError as e:
+        raise ConfigError(f"cannot read the token file {path}: {e.strerror}") from None
+    if fd is not None:
+        with os.fdopen(fd) as f:
+            st = os.fstat(f.fileno())
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid != os.geteuid():
+                raise ConfigError(f"the token file {path} is owned by uid {st.st_uid}, not by the "
+                                  f"agent's user (uid {os.geteuid()}): refusing to use it")
+            if mode & 0o077:
+                raise ConfigError(f"the token file {path} can be read by others (mode {mode:04o}): "
+                                  f"refusing to use it; run 'chmod 600 {path}' (and write a new "
+                                  "token there if it may have been read)")
+            token = f.read().strip()
         if token:
             return token
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -121,8 +141,13 @@ def build_app(ctx: AgentContext, token: str, classes: dict[str, type[Plugin]],
         app.cleanup_ctx.append(_plugin_ctx(plugin))
 
     async def end_streams(_app: web.Application) -> None:
-        # on_shutdown runs before aiohttp waits for open handlers: end the
-        # event streams and plugins' websockets now, so a stop does not wait them out.
+        # on_shutdown runs before aiohttp waits for open handlers: end the jobs (a
+        # long-poll on one then gets its 503 at once), the event streams and the
+        # plugins' websockets now, so a stop does not wait them out.  The outbox
+        # stops first: the ended jobs' webhooks go out after the restart, rather
+        # than now and, cut off before their delivery is recorded, again then.
+        await ctx.outbox.stop()
+        await ctx.jobs.shutdown()
         ctx.events.close_streams()
         for plugin in plugins.values():
             try:
@@ -172,6 +197,7 @@ async def serve(config: Config) -> None:
     settings = check_sections(config, classes)
     ssl_context = tls_context(config)
     token = ensure_token(config.token_file)
+    logs.set_token(token)
     ctx = AgentContext(config)
     await ctx.open()
     app = build_app(ctx, token, classes, settings, failures)

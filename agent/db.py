@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("node_agent.db")
 
 CORE_SCHEMA = [
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -65,8 +69,25 @@ class Database:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
 
+    def _private_files(self) -> None:
+        """The database holds install tokens and webhook URLs: only the agent reads it.
+        SQLite gives its -wal and -shm files the database file's mode, so creating
+        that 0600 is enough for new ones; older, wider ones are narrowed here."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISREG(st.st_mode) and mode & 0o077:
+                os.chmod(path, 0o600)
+                log.warning("%s was readable by others (mode %04o): set to 0600", path, mode)
+
     async def open(self) -> None:
         def _open() -> None:
+            self._private_files()
             conn = sqlite3.connect(self.path, check_same_thread=False,
                                    isolation_level=None, timeout=10)
             conn.row_factory = sqlite3.Row

@@ -4,6 +4,14 @@ The access log writes a line per request, so the handler is built to be
 cheap: no caller lookup, no thread/process names, and a buffered stream that
 is flushed for every warning and otherwise a few times a second (by
 ``flush_loop``), instead of one write() system call per line.
+
+Nothing a client sends can forge a line or leak a secret: every record's
+message (every logger's, libraries' included) and every access-log value has
+its control characters escaped (``clean``), the agent's token is replaced by
+``<token>`` wherever it appears (``redact``), a traceback's lines are indented
+so that only a record's first line starts at column 0, and the HTTP parser's
+errors (whose text quotes the raw request, Authorization header included)
+become one short WARNING line without it.
 """
 
 from __future__ import annotations
@@ -12,11 +20,89 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 FLUSH_INTERVAL = 0.2
+
+# C0, DEL, C1 and the Unicode line/paragraph separators: what can end or hide a line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_token: str | None = None
+TOKEN_MARK = "<token>"
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x00``, ``\\u2028``)
+    and the token as ``<token>``.  Runs on every access line: str.isprintable() is one
+    C scan, and almost every value passes it and comes back as it is."""
+    if not text.isprintable():
+        text = _CONTROL.sub(_escape, text)
+    if _token is not None and _token in text:
+        text = text.replace(_token, TOKEN_MARK)
+    return text
+
+
+def redact(text: str) -> str:
+    """``text`` with the token written ``<token>``."""
+    return text.replace(_token, TOKEN_MARK) if _token is not None and _token in text else text
+
+
+def set_token(token: str) -> None:
+    """The secret that is never written to the log, whatever a client puts in a URL."""
+    global _token
+    _token = token or None
+
+
+class SafeRecords(logging.Filter):
+    """On the handler, so every logger's records pass it (aiohttp's and librados's too).
+
+    The message is rendered once here (msg % args), cleaned, and put back without
+    args, so the formatter does not render it again.  aiohttp's "Error handling
+    request" for a request its parser refused carries the parser's exception, whose
+    text quotes the raw header line (a token with a NUL after it, a folded
+    Authorization header): that becomes one WARNING line naming only the error class.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.name.startswith("aiohttp"):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            record.msg, record.args = "refused a malformed HTTP request from %s: %s (%s)", (
+                remote or "an unknown address", type(exc).__name__, getattr(exc, "code", 400))
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:     # a bad request is not the agent's error
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        try:
+            message = record.getMessage()
+        except Exception:            # a bad format string: let the handler report it
+            return True
+        record.msg, record.args = clean(message), None
+        return True
+
+
+def _indent(text: str) -> str:
+    """A traceback's lines, each behind a marker, so none of them reads as a record:
+    only a record's first line starts at column 0.  Escaped too: an exception's text
+    can quote what a client sent."""
+    return "\n".join(" | " + clean(line) for line in text.splitlines())
+
+
+class TextFormatter(logging.Formatter):
+    def formatException(self, ei) -> str:
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indent(stack_info)
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,7 +113,9 @@ class JsonFormatter(logging.Formatter):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            # json.dumps escapes its newlines (no line can be forged): kept readable,
+            # only the token is taken out.
+            out["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(out)
 
 
@@ -70,6 +158,7 @@ def access(method: str, path: str, status: int, ms: float, job: str | None, remo
     """
     if not _access.isEnabledFor(_INFO):
         return
+    path = clean(path)           # the decoded path: %0A is a newline here
     handler = _handler
     if handler is None:          # not set up by serve(): go through logging
         _access.info("%s %s %d %.1fms%s", method, path, status, ms, f" job={job}" if job else "")
@@ -104,7 +193,8 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     if fmt == "json":
         _handler.setFormatter(JsonFormatter())
     else:
-        _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _handler.addFilter(SafeRecords())
     root = logging.getLogger()
     root.handlers[:] = [_handler]
     root.setLevel(level)

@@ -86,11 +86,17 @@ def query_string_params(route: Route, request: web.Request, extra: set[str] = se
 
 
 async def read_json(request: web.Request) -> Any:
+    limit = request.app[CTX_KEY].config.server.max_body_bytes
+    # Refused from the header, before any byte of the body is awaited: a client that
+    # declares too much (and may never send it) gets its 413 at once.
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"the request body is larger than the limit of {limit} bytes "
+                                     f"(Content-Length: {request.content_length})")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise errors.PayloadTooLarge(
-            f"the request body is larger than the limit of {request.app[CTX_KEY].config.server.max_body_bytes} bytes") from None
+            f"the request body is larger than the limit of {limit} bytes") from None
     if not raw.strip():
         return None
     try:
@@ -268,6 +274,7 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
     for (method, path), routes in jobs.items():
         handlers.append((method, path, dispatcher.job_handler(routes), True))
     public = public_paths(all_routes)
+    prefixes = {r.path.split("/")[1] for r in all_routes if not r.path.split("/")[1].startswith("{")}
     for method, path, handler, is_job in handlers:
         # aiohttp's canonical path of the resource names the route (metrics, log) and
         # decides auth; known here once instead of looked up on every request.
@@ -278,7 +285,10 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
     # Last, so it only gets what no route matched. aiohttp would answer those itself with
     # a text body; this keeps our JSON error bodies, metrics and log line for them (and,
     # as before, a request to an unknown URL needs the token: no probing without it).
-    app.router.add_route("*", "/{tail:.*}", guard(unmatched, "unmatched", True, token, metrics))
+    # [\s\S]: a decoded %0A is a newline, which "." would not match (aiohttp then answered
+    # a text 404 with no log line).
+    app.router.add_route("*", "/{tail:[\\s\\S]*}", guard(unmatched, "unmatched", True, token, metrics,
+                                                          unrouted=frozenset(prefixes)))
     return all_routes
 
 
@@ -291,20 +301,36 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource is not request.match_info.route.resource:
-            allowed |= (await resource.resolve(request))[1]
+            methods = (await resource.resolve(request))[1]
+            if methods:
+                allowed |= methods
+                request[LOG_PATH] = resource.canonical     # logged as the route, not the URL
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
 
 
+LOG_PATH = "log_path"
+
+
+def unrouted_path(path: str, prefixes: frozenset[str]) -> str:
+    """What the access log writes for a URL no route has: none of its dynamic part
+    (a client may put anything there, a session token included), only a first
+    segment that the agent routes itself."""
+    first = path.split("/", 2)[1] if path.startswith("/") else ""
+    return f"/{first}/<unrouted>" if first in prefixes else "/<unrouted>"
+
+
 def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name: str,
-          needs_token: bool, token: str, metrics,
-          is_job: bool = False) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+          needs_token: bool, token: str, metrics, is_job: bool = False,
+          unrouted: frozenset[str] | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Auth, error bodies, metrics and the access log around one route's handler.
 
     A wrapper per route rather than an aiohttp middleware: a middleware costs two more
     coroutines per request (aiohttp adds its own current-app layer to the chain) and a
     route lookup, and ping must stay cheap.  The token check is a constant-time compare.
+    ``unrouted`` (the catch-all's guard): the first path segments the agent routes, for
+    the access log's placeholder of an unknown URL.
     """
     expected = token.encode()
     observe = metrics.observe_request
@@ -324,24 +350,45 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
             resp = await handler(request)
         except errors.ApiError as e:
             resp = json_response(e.body(), status=e.status)
+            if e.status == 413:
+                _close_after_answer(request, resp)
         except web.HTTPRequestEntityTooLarge:
             resp = json_response(errors.PayloadTooLarge("the request body is too large").body(), 413)
+            _close_after_answer(request, resp)
         except web.HTTPMethodNotAllowed as e:
             allowed = ", ".join(sorted(e.allowed_methods))
-            err = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}; use {allowed}")
+            # logs.clean: no token in an error body either (it may end up in a client's log)
+            err = errors.MethodNotAllowed(f"{request.method} is not allowed on {logs.clean(request.path)}; use {allowed}")
             resp = json_response(err.body(), 405, headers={"Allow": allowed})
         except web.HTTPNotFound:
-            resp = json_response(errors.NotFound(f"no such URL: {request.path}").body(), 404)
+            resp = json_response(errors.NotFound(f"no such URL: {logs.clean(request.path)}").body(), 404)
         except web.HTTPException as e:
-            _account(request, name, log_path, e.status, t0, observe, is_job)
+            _account(request, name, log_path if unrouted is None else _unrouted_log_path(request, unrouted),
+                     e.status, t0, observe, is_job)
             raise
         except Exception as e:
             log.exception("unhandled error on %s %s", request.method, request.path)
             resp = json_response(errors.InternalError(
                 f"internal error ({type(e).__name__}); this is a bug in the agent").body(), 500)
-        _account(request, name, log_path, resp.status, t0, observe, is_job)
+        _account(request, name, log_path if unrouted is None else _unrouted_log_path(request, unrouted),
+                 resp.status, t0, observe, is_job)
         return resp
     return guarded
+
+
+def _close_after_answer(request: web.Request, resp: web.Response) -> None:
+    """A body refused unread: answer, then end the connection at once.  aiohttp would
+    otherwise read and drop the rest for up to 10 s (lingering close), bytes a client
+    that declared them may never send.  No await in here: reading stops before the
+    parser can feed the body again."""
+    resp.force_close()
+    if not request.content.is_eof() and request.protocol is not None:
+        request.content.feed_eof()
+        request.protocol.pause_reading()
+
+
+def _unrouted_log_path(request: web.Request, prefixes: frozenset[str]) -> str:
+    return request.get(LOG_PATH) or unrouted_path(request.path, prefixes)
 
 
 def _account(request: web.Request, route: str, log_path: str | None, status: int, t0: float,

@@ -17,7 +17,10 @@ we are root); without it, an aiohttp client in a separate process is used instea
 report says so.
 
 The agent's RSS (VmRSS from /proc/<pid>/status) is read after start and 2 s idle, before
-any load, and again after the last run.  A markdown report is printed and appended to
+any load, and again after the last run.  Each server's CPU time (utime + stime from
+/proc/<pid>/stat) over each measured run, divided by the requests it answered, gives CPU
+microseconds per request: on a busy machine the throughput ratio moves with whatever else
+runs (wrk shares the cores too), the CPU cost of a request much less, so the report has both.  A markdown report is printed and appended to
 bench/RESULTS.md (``--no-append`` to skip).  Every process started here is ended on exit.
 
     .venv/bin/python bench/ping_load.py                 # the full run (about 1.5 min)
@@ -74,6 +77,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -283,7 +293,8 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
            info: dict[str, str], logs: dict[str, int]) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     agg = {n: {"rps": mean([r["rps"] for r in rs]), "p50": mean([r["p50_ms"] for r in rs]),
-               "p99": mean([r["p99_ms"] for r in rs]), "errors": sum(r["errors"] for r in rs)}
+               "p99": mean([r["p99_ms"] for r in rs]), "errors": sum(r["errors"] for r in rs),
+               "cpu_us": sorted(r["cpu_us"] for r in rs)[len(rs) // 2]}
            for n, rs in runs.items()}
     bare = agg["bare"]
     lines = [
@@ -294,11 +305,15 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
         f"Client: {client}; {args.connections} keep-alive connections"
         + (f", {args.threads} threads" if client.startswith("wrk") else "")
         + f"; {args.warmup:g} s warm-up (discarded) + {args.duration:g} s measured per run; "
-        f"{args.rounds} rounds alternating {' '.join(runs)}; all on 127.0.0.1.",
+        f"{args.rounds} rounds alternating {' '.join(runs)}; all on 127.0.0.1.  ",
+        f"Load average (1 min) {info['load_before']} before, {info['load_after']} after"
+        + (" (the machine is busy: the throughput and p99 ratios are noisy, the CPU per request "
+           "less so)." if max(float(info['load_before']), float(info['load_after'])) > 1.0 else "."),
         "",
         "| target | req/s (mean) | req/s per round | p50 ms | p99 ms | p99 per round | errors "
-        "| idle RSS MB | RSS after load MB | rps ratio vs bare | p99 ratio vs bare |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| idle RSS MB | RSS after load MB | rps ratio vs bare | p99 ratio vs bare "
+        "| CPU us/req (median) | CPU ratio vs bare |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, a in agg.items():
         s = servers[name]
@@ -307,7 +322,8 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
             f"| {name} | {a['rps']:.0f} | {' / '.join(format(r['rps'], '.0f') for r in rs)} "
             f"| {a['p50']:.2f} | {a['p99']:.2f} | {' / '.join(format(r['p99_ms'], '.2f') for r in rs)} "
             f"| {a['errors']} | {s.idle_rss_kb / 1024:.1f} | {s.after_rss_kb / 1024:.1f} "
-            f"| {a['rps'] / bare['rps']:.2f} | {a['p99'] / bare['p99']:.2f} |")
+            f"| {a['rps'] / bare['rps']:.2f} | {a['p99'] / bare['p99']:.2f} "
+            f"| {a['cpu_us']:.1f} | {a['cpu_us'] / bare['cpu_us']:.2f} |")
     lines.append("")
     for name in ("agent", "agent-warn"):
         if name not in agg:
@@ -321,6 +337,14 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
             f"{verdict(rr >= MIN_RPS_RATIO)}), p99 ratio {pr:.2f} (target <= {MAX_P99_RATIO:g}: "
             f"{verdict(pr <= MAX_P99_RATIO)}), idle RSS {mb:.1f} MB (target <= {MAX_IDLE_RSS_MB:g}: "
             f"{verdict(mb <= MAX_IDLE_RSS_MB)}).")
+    for name in ("agent", "agent-warn"):
+        if name in runs:
+            # Each round's runs are back to back: their ratio shares the machine's state
+            # of that moment, where the means above mix rounds a busy machine made unlike.
+            per_round = [a["rps"] / b["rps"] for a, b in zip(runs[name], runs["bare"])]
+            lines.append(f"- `{name}` throughput ratio per round (vs the bare run of the same round): "
+                         f"{' / '.join(format(r, '.2f') for r in per_round)}; median "
+                         f"{sorted(per_round)[len(per_round) // 2]:.2f}.")
     for name, n in logs.items():
         lines.append(f"- `{name}` wrote {n} log lines during the load (warm-ups included).")
     if any(a["errors"] for a in agg.values()):
@@ -380,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         servers["bare"] = Server("bare", [sys.executable, str(bare_py), HOST, str(port)], port,
                                  tmp / "bare.log")
+        load_before = f"{os.getloadavg()[0]:.2f}"
         for s in servers.values():
             s.start()
         for s in servers.values():
@@ -406,14 +431,18 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in servers.items():
                 if args.warmup > 0:
                     load(s, args.warmup)
+                cpu0 = cpu_seconds(s.proc.pid)
                 r = load(s, args.duration)
+                r["cpu_us"] = (cpu_seconds(s.proc.pid) - cpu0) / max(1, r["requests"]) * 1e6
                 runs[name].append(r)
                 print(f"round {rnd} {name:10s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:6.2f} ms  "
-                      f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}", file=sys.stderr)
+                      f"p99 {r['p99_ms']:6.2f} ms  cpu {r['cpu_us']:6.1f} us/req  errors {r['errors']}",
+                      file=sys.stderr)
         for s in servers.values():
             s.after_rss_kb = s.rss()
         logs = {n: line_count(servers[n].log_path) - c for n, c in log_start.items()}
-        text = report(args, client, servers, runs, machine(), logs)
+        info = dict(machine(), load_before=load_before, load_after=f"{os.getloadavg()[0]:.2f}")
+        text = report(args, client, servers, runs, info, logs)
         print(text)
         if not args.no_append:
             if not RESULTS.exists():
