@@ -278,7 +278,8 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
     # Last, so it only gets what no route matched. aiohttp would answer those itself with
     # a text body; this keeps our JSON error bodies, metrics and log line for them (and,
     # as before, a request to an unknown URL needs the token: no probing without it).
-    app.router.add_route("*", "/{tail:.*}", guard(unmatched, "unmatched", True, token, metrics))
+    # [\s\S], not ".": a decoded path can hold a newline (%0A), which "." does not match.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", guard(unmatched, "unmatched", True, token, metrics))
     return all_routes
 
 
@@ -316,8 +317,11 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
         try:
             if needs_token:
                 scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-                if scheme not in ("OAuth", "Bearer") or \
-                        not hmac.compare_digest(given.strip().encode(), expected):
+                # Only HTTP's own whitespace is not part of the token (str.strip() would
+                # also drop a no-break space); a header byte that is not UTF-8 arrives
+                # as a surrogate escape, compared as the byte it was, never a 500.
+                if scheme not in ("OAuth", "Bearer") or not hmac.compare_digest(
+                        given.strip(" \t").encode(errors="surrogateescape"), expected):
                     raise errors.Unauthorized(
                         "missing or wrong token: send 'Authorization: OAuth <token>' with the "
                         "token from the agent's token file")
