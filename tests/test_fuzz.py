@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from agentproc import REPO
 from fuzz_sandbox import EXCLUDED_ACTIONS, Sandbox, fuzz_available, fuzz_schema, get_json, run_schemathesis
 from libvirt_fixture import libvirtd  # noqa: F401  (the session fixture)
 
@@ -65,8 +66,12 @@ def test_schema_fuzzing_of_every_operation(libvirtd, tmp_path):  # noqa: F811
         assert failed_jobs_with_internal_errors(agent) == []
     finally:
         agent.stop()
+    # An error of the agent's own code: its 500 line, or a traceback through its files.
+    # (aiohttp's parser logging a refused header at ERROR is issue 10.3's, not a crash.)
     log = agent.log()
-    assert "unhandled error" not in log and "Traceback" not in log, log[-5000:]
+    own_frames = [line for line in log.splitlines()
+                  if line.strip().startswith(f'File "{REPO}/')]
+    assert "unhandled error" not in log and not own_frames, log[-5000:]
     assert sandbox.writes_outside() == []
 
 
