@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from benchlib import cpu_model, git_head  # noqa: E402
-from fuzz_sandbox import Sandbox, fuzz_available, get_json, run_schemathesis  # noqa: E402
+from fuzz_sandbox import Sandbox, fuzz_available, get_json, remove_domains, run_schemathesis  # noqa: E402
 from libvirt_fixture import Libvirtd  # noqa: E402
 
 
@@ -89,6 +89,7 @@ def main() -> int:
     finally:
         if agent is not None:
             agent.stop()
+        print("domains fuzzing defined:", len(remove_domains(libvirtd.uri, set())))
         libvirtd.stop()
         shutil.rmtree(libvirtd.base, ignore_errors=True)
     log = agent.log()

@@ -19,7 +19,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from agentproc import REPO
-from fuzz_sandbox import EXCLUDED_ACTIONS, Sandbox, fuzz_available, fuzz_schema, get_json, run_schemathesis
+from fuzz_sandbox import (EXCLUDED_ACTIONS, Sandbox, domain_names, fuzz_available, fuzz_schema,
+                          get_json, remove_domains, run_schemathesis)
 from libvirt_fixture import libvirtd  # noqa: F401  (the session fixture)
 
 CI_EXAMPLES = 3        # per operation and phase: ~350 cases in all, in about 2 minutes
@@ -47,6 +48,7 @@ def test_schema_fuzzing_of_every_operation(libvirtd, tmp_path):  # noqa: F811
     if reason:
         pytest.fail(reason)
     sandbox = Sandbox(tmp_path, libvirtd.uri, libvirtd.base)
+    domains_before = domain_names(libvirtd.uri)
     agent = sandbox.agent()
     agent.start(timeout=60)
     try:
@@ -66,6 +68,7 @@ def test_schema_fuzzing_of_every_operation(libvirtd, tmp_path):  # noqa: F811
         assert failed_jobs_with_internal_errors(agent) == []
     finally:
         agent.stop()
+        remove_domains(libvirtd.uri, domains_before)
     # An error of the agent's own code: its 500 line, or a traceback through its files.
     # (aiohttp's parser logging a refused header at ERROR is issue 10.3's, not a crash.)
     log = agent.log()
