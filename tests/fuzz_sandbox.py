@@ -48,6 +48,11 @@ expected-statuses = ["2xx", "3xx", "4xx", "503"]
 """
 
 
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_schema_conformance,ignored_auth,unsupported_method,allow_header_conformance,"
+          "missing_required_header,negative_data_rejection")
+
+
 def _write(path: Path, text: str, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -180,7 +185,8 @@ def fuzz_schema(document: dict[str, Any]) -> dict[str, Any]:
 
 def run_schemathesis(agent: AgentProcess, out: Path, *, max_examples: int, seed: int | None = None,
                      phases: str = "examples,coverage,fuzzing", workers: int = 4,
-                     max_time: float | None = None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+                     max_time: float | None = None, checks: str = CHECKS,
+                     extra: list[str] = ()) -> subprocess.CompletedProcess:
     """``st run`` over the sandboxed agent; its JUnit report goes to out/junit.xml."""
     out.mkdir(parents=True, exist_ok=True)
     schema = out / "openapi.json"
@@ -189,8 +195,7 @@ def run_schemathesis(agent: AgentProcess, out: Path, *, max_examples: int, seed:
     config.write_text(ST_CONFIG)
     argv = [str(ST), "--config-file", str(config), "--no-color", "run", str(schema), "--url", agent.url,
             "--header", f"Authorization: OAuth {agent.token}",
-            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
-                        "response_schema_conformance,ignored_auth",
+            "--checks", checks,
             *[a for p in EXCLUDED_PATHS for a in ("--exclude-path", p)],
             "--phases", phases, "--max-examples", str(max_examples), "--workers", str(workers),
             "--request-timeout", "30", "--suppress-health-check", "all",
