@@ -21,6 +21,7 @@ ERROR_SCHEMA = {
 }
 LOCATION_SCHEMA = {"type": "object", "properties": {"location": {"type": "string"}},
                    "required": ["location"]}
+BODY_METHODS = ("POST", "PUT", "PATCH")
 QUERY_PARAMS = ["q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields"]
 
 
@@ -97,6 +98,19 @@ def build(routes: list[Route], version: str) -> dict[str, Any]:
         op["responses"]["400"] = _error("Bad or missing parameter")
         if r.auth:
             op["responses"]["401"] = _error("Missing or wrong token")
+        else:
+            op["security"] = []       # public by design: /v1/health, or a token in the URL
+        if "{" in path or r.is_job:
+            # A path parameter, or a job's parameter naming another resource, can name
+            # nothing; the check of the submission then answers 404.
+            op["responses"]["404"] = _error("No such resource, or no such URL")
+        if "{" in path:
+            # A path parameter can also (".", "..", a literal sibling such as "stats")
+            # make the URL another route's.
+            op["responses"]["405"] = _error("The URL is another route's, which does not "
+                                            "take this method (see the Allow header)")
+        if r.method in BODY_METHODS:
+            op["responses"]["413"] = _error("The request body is larger than [server] max_body_bytes")
         op["responses"]["503"] = _error("The operation failed or the plugin is unavailable")
         paths[path][r.method.lower()] = op
     return {

@@ -342,8 +342,11 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
         try:
             if needs_token:
                 scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-                if scheme not in ("OAuth", "Bearer") or \
-                        not hmac.compare_digest(given.strip().encode(), expected):
+                # Only HTTP's own whitespace is not part of the token (str.strip() would
+                # also drop a no-break space); a header byte that is not UTF-8 arrives
+                # as a surrogate escape, compared as the byte it was, never a 500.
+                if scheme not in ("OAuth", "Bearer") or not hmac.compare_digest(
+                        given.strip(" \t").encode(errors="surrogateescape"), expected):
                     raise errors.Unauthorized(
                         "missing or wrong token: send 'Authorization: OAuth <token>' with the "
                         "token from the agent's token file")

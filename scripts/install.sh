@@ -5,7 +5,9 @@
 #   2. <repo>/.venv, made from /usr/bin/python3 with --system-site-packages
 #      (Debian's libvirt/rados/rbd bindings exist only for that interpreter),
 #   3. `pip install -e '.[test]'` into it (skipped while pyproject.toml and the
-#      venv are unchanged since the last successful install).
+#      venv are unchanged since the last successful install),
+#   4. <repo>/.venv-fuzz with schemathesis for the fuzz tests: a venv of its own,
+#      so its dependencies never clash with the agent's pins.
 # One progress line per step on stderr; tool output goes to a log that is shown
 # only when a step fails.
 set -euo pipefail
@@ -14,6 +16,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY=/usr/bin/python3
 STAMP="$VENV/.node-agent-install-stamp"
+FUZZ_VENV="$ROOT/.venv-fuzz"
+FUZZ_REQUIREMENTS=(schemathesis==4.32.5)
 APT_STAMP=/var/lib/apt/periodic/update-success-stamp
 cd "$ROOT"
 
@@ -154,6 +158,20 @@ else
         "$VENV/bin/python" -m pip install -q -e '.[test]'
     printf '%s\n' "$want_stamp" >"$STAMP"
     step_done "pip: installed node-agent[test] (editable)"
+fi
+
+# --- 4. The fuzz venv (tests/test_fuzz.py, bench/fuzz_long.py) --------------
+fuzz_stamp="$(printf '%s\n' "${FUZZ_REQUIREMENTS[@]}" "$("$PY" -VV)" | sha256sum | cut -d' ' -f1)"
+step_begin
+if [[ -f $FUZZ_VENV/.stamp && "$(cat "$FUZZ_VENV/.stamp")" == "$fuzz_stamp" && -x $FUZZ_VENV/bin/st ]]; then
+    step_done "fuzz venv: ${FUZZ_REQUIREMENTS[*]} up to date"
+else
+    rm -rf "$FUZZ_VENV"
+    run "$PY" -m venv "$FUZZ_VENV"
+    run env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
+        "$FUZZ_VENV/bin/python" -m pip install -q "${FUZZ_REQUIREMENTS[@]}"
+    printf '%s\n' "$fuzz_stamp" >"$FUZZ_VENV/.stamp"
+    step_done "fuzz venv: installed ${FUZZ_REQUIREMENTS[*]} in $FUZZ_VENV"
 fi
 
 say "done in $(elapsed "$T0")"

@@ -17,12 +17,13 @@ from agent import errors
 from agent.models import Empty, WireModel, utcnow_iso
 from agent.plugin import Plugin, action, get
 
-from . import facts, osupdate
+from . import facts, inventory, osupdate
 
 audit = logging.getLogger("node_agent.audit")
 log = logging.getLogger("node_agent.host")
 
 FACTS_TIMEOUT = 20.0
+INVENTORY_TIMEOUT = 5.0      # the management address lookup, the active VMs' listing
 KV_CONNECTION = "host.connection"
 
 
@@ -78,14 +79,26 @@ class HostPlugin(Plugin):
     config_sections = {"host": HostSettings}
     max_processes = 16
     _versions: facts.Versions | None = None     # libvirt's and QEMU's, read once
+    _libvirt = None                              # the shared connection, from lifecycle()
 
     @property
     def conf(self) -> HostSettings:
         return self.settings["host"]
 
-    @get("/v1/host", result=facts.HostFacts)
-    async def host_facts(self) -> facts.HostFacts:
-        """This node's facts: CPU, memory, NUMA, hugepages, OS, KVM and versions."""
+    async def lifecycle(self):
+        # The shared connection, for what the node's VMs are given (the inventory's
+        # available capacities); libvirt is loaded only once its socket is there.
+        self._libvirt = self.agent.libvirt()
+        await self._libvirt.acquire()
+        try:
+            yield
+        finally:
+            await self._libvirt.release()
+
+    @get("/v1/host", result=inventory.HostInventory)
+    async def host_facts(self) -> inventory.HostInventory:
+        """This node's facts (CPU, memory, NUMA, hugepages, OS, KVM, versions) and the
+        manual's HostInventory fields computed from them and from the node's active VMs."""
         async with asyncio.timeout(FACTS_TIMEOUT):
             ip_json = await self._output(facts.ADDRESSES_COMMAND)
             if self._versions is None:      # read once: an upgrade restarts the agent
@@ -96,8 +109,29 @@ class HostPlugin(Plugin):
                         if found[field]:
                             break
                 self._versions = facts.Versions(**found)
-            return await self.runner.call(facts.collect, "/", ip_json, self._versions,
-                                          timeout=FACTS_TIMEOUT)
+            collected = await self.runner.call(facts.collect, "/", ip_json, self._versions,
+                                               timeout=FACTS_TIMEOUT)
+            target = self.agent.events.target
+            try:
+                manage_ip = await self.runner.call(
+                    inventory.management_ip, target["url"] if target else None,
+                    self.agent.config.server.host, timeout=INVENTORY_TIMEOUT)
+            except errors.ApiError as e:      # a name that does not resolve in time
+                log.warning("management address: %s", e.description)
+                manage_ip = None
+            return inventory.build(collected, target=target, manage_ip=manage_ip,
+                                   usage=await self._vm_usage())
+
+    async def _vm_usage(self) -> inventory.VmUsage | None:
+        """What the active VMs are given, or None while libvirt cannot tell."""
+        conn = self._libvirt
+        if conn is None or not conn.connected:
+            return None
+        try:
+            return await conn.call(inventory.active_vm_usage, timeout=INVENTORY_TIMEOUT)
+        except Exception as e:          # unreachable, or a libvirt error: capacities unknown
+            log.warning("active VMs not counted: %s", getattr(e, "description", e))
+            return None
 
     async def _output(self, argv: list[str]) -> str | None:
         """A command's stdout through the runner, or None when it is missing or fails."""
