@@ -350,6 +350,45 @@ async def test_dhcp_lease_tftp_and_lease_events(lab, pxe_agent, http):
     assert body["inventories"][0]["uuid"] == server["uuid"]
 
 
+async def test_dhcp_offers_no_router_unless_configured(lab, pxe_agent, http):
+    """Issue 13.13: dnsmasq offers its own address as router unless told otherwise."""
+    server = await ensure_br0_server(http, pxe_agent)
+    assert server["router"] is None and server["dnsServers"] == []
+    env = lab.dhclient()
+    assert env["new_ip_address"].startswith("10.200.0.")
+    assert "new_routers" not in env, env                  # no option 3
+    assert "new_domain_name_servers" not in env, env      # no option 6
+    actions = f"/v1/baremetal/pxeserver/{server['uuid']}/actions"
+    try:
+        # a router outside the subnet, or inside the DHCP range, is refused
+        for bad in ("10.200.1.1", "10.200.0.120", "10.200.0.255"):
+            status, body = await submit(http, pxe_agent, "PUT", actions,
+                                        {"updateBaremetalPxeServer": {"router": bad}})
+            assert status == 400 and body["error"]["code"] == "PXE.1010", body
+        status, body = await submit(http, pxe_agent, "PUT", actions,
+                                    {"updateBaremetalPxeServer": {"dnsServers": "1.2.3"}})
+        assert status == 400 and "dnsServers" in body["error"]["description"], body
+        status, body = await run_job(http, pxe_agent, "PUT", actions, {"updateBaremetalPxeServer": {
+            "router": "10.200.0.254", "dnsServers": "10.200.0.53, 10.200.0.54"}})
+        assert status == 200, body
+        inv = body["inventory"]
+        assert inv["router"] == "10.200.0.254" and inv["dnsServers"] == ["10.200.0.53", "10.200.0.54"]
+        env = lab.dhclient()
+        assert env["new_routers"] == "10.200.0.254", env
+        assert env["new_domain_name_servers"] == "10.200.0.53 10.200.0.54", env
+        # the same after an agent restart (stored)
+        pxe_agent.restart()
+        env = lab.dhclient()
+        assert env["new_routers"] == "10.200.0.254", env
+    finally:
+        status, body = await run_job(http, pxe_agent, "PUT", actions, {"updateBaremetalPxeServer": {
+            "router": "", "dnsServers": []}})
+        assert status == 200 and body["inventory"]["router"] is None, body
+        assert body["inventory"]["dnsServers"] == []
+    env = lab.dhclient()
+    assert "new_routers" not in env and "new_domain_name_servers" not in env, env
+
+
 async def test_host_config_reservation_install_files_and_callback(lab, pxe_agent, fake_bmc, http):
     server = await ensure_br0_server(http, pxe_agent)
     chassis = await new_chassis(http, pxe_agent, fake_bmc)
