@@ -376,6 +376,19 @@ class BmcSession:
         self._fail_if_down()
         if self._waiting >= policy.max_waiting:
             raise BmcError(BUSY, f"{self._waiting} calls already wait for this BMC")
+        if self.lock.locked() or self._waiting:
+            await self._wait_turn(what, timeout, deadline)
+        else:
+            await self.lock.acquire()        # free: taken at once, no timer needed
+        # The lock is ours; the task releases it.  A caller who leaves from here on
+        # does not cut the BMC command in half: the task ends on its own deadline.
+        task = loop.create_task(self._attempts(op, what, retries, timeout, deadline))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return await asyncio.shield(task)
+
+    async def _wait_turn(self, what: str, timeout: float, deadline: float) -> None:
+        """Acquire the lock behind the BMC's other calls, for at most the call's bound."""
         self._waiting += 1
         try:
             # A little grace: a call ahead that finds the BMC dead ends on the same
@@ -388,12 +401,6 @@ class BmcSession:
                                  "BMC's other calls") from None
         finally:
             self._waiting -= 1
-        # The lock is ours; the task releases it.  A caller who leaves from here on
-        # does not cut the BMC command in half: the task ends on its own deadline.
-        task = loop.create_task(self._attempts(op, what, retries, timeout, deadline))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return await asyncio.shield(task)
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
