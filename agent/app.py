@@ -201,7 +201,8 @@ async def serve(config: Config) -> None:
     ctx = AgentContext(config)
     await ctx.open()
     app = build_app(ctx, token, classes, settings, failures)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5,
+                           handler_cancellation=True)   # a client that left frees its place
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context,
                        reuse_address=True)

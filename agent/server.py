@@ -8,6 +8,7 @@ so a bad request gets its 4xx and nothing is run or stored.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -213,11 +214,13 @@ class Dispatcher:
             async def work(job) -> Any:
                 return dump(await route.func(plugin, job, params, **path_args))
 
-            uuid, _ = await self.ctx.jobs.submit(
+            # Shielded: a client that leaves mid-submission leaves a whole job (replay its
+            # X-Job-UUID for the result), never a half-stored one.
+            uuid, _ = await asyncio.shield(self.ctx.jobs.submit(
                 job_uuid=job_uuid, webhook=hook,
                 fingerprint=fingerprint(self.ctx.fingerprint_key, request, body),
                 meta=JobMeta(plugin.name, request.method, request.path, route.action, request.remote),
-                runner=plugin.runner, work=work, check=check)
+                runner=plugin.runner, work=work, check=check))
             request["job_uuid"] = uuid
             location = f"{request.url.origin()}/v1/api-jobs/{uuid}"
             return json_response({"location": location}, status=202, headers={"Location": location})

@@ -15,12 +15,23 @@ Measured through the agent's HTTP API, ``GET /v1/baremetal/chassis/{uuid}/power`
 - cold N at once: the same right after the agent restarted, so every call logs
   in to its BMC first (one sample: only the first call after a start is cold).
 
-The ratio is median(N at once) / median(one call).  A markdown section with the
+The ratio is median(N at once) / median(one call).
+
+A dead BMC (issue 11, ``--dead-callers``, default 20): two fake BMCs, one then
+stopped with SIGSTOP (it stays silent, as a hung BMC does).  Side by side:
+
+- the healthy BMC's power call alone (baseline), then while the dead one has
+  its callers in flight;
+- one call to the BMC that just went silent (a fresh agent session each run),
+  against N concurrent calls to it (N = ``--dead-callers``): when the last one
+  answers;
+- a call to it once it is known down (fails fast).  A markdown section with the
 machine and date is printed and appended to bench/RESULTS.md (``--no-append``
 to skip).  Every process started here is stopped at the end.
 
     .venv/bin/python bench/bmc_power.py                 # 50 BMCs, about 30 s
     .venv/bin/python bench/bmc_power.py --bmcs 10 --no-append
+    .venv/bin/python bench/bmc_power.py --only dead      # the dead-BMC runs alone, ~1 min
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import datetime
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -134,6 +146,89 @@ async def fleet(args, delay_ms: float) -> dict:
             "cold_one": cold_one, "cold_many": cold_many, "cpu_per_call": cpu_per_call}
 
 
+async def power_any(http, agent, uuid: str) -> tuple[float, int, str | None]:
+    """(seconds, HTTP status, error code) of one power call, whatever its outcome."""
+    t0 = time.perf_counter()
+    async with http.get(f"{agent.url}/v1/baremetal/chassis/{uuid}/power",
+                        headers=agent.headers) as r:
+        body = await r.json()
+    return time.perf_counter() - t0, r.status, (body.get("error") or {}).get("code")
+
+
+async def dead_bmc(args) -> dict:
+    """A BMC that goes silent (SIGSTOP) next to a healthy one; see the module doc."""
+    work = Path(tempfile.mkdtemp(prefix="bmc-dead-bench-"))
+    healthy, dead = FakeBmcProcess(work).start(), FakeBmcProcess(work).start()
+    out: dict = {"alone": [], "beside": [], "one": [], "many": [], "known": [],
+                 "codes": set()}
+    try:
+        for run_no in range(args.dead_repeat):
+            (work / f"agent{run_no}").mkdir()
+            agent = AgentProcess(work / f"agent{run_no}", {"baremetal": {}})
+            agent.start()
+            try:
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+                    h, d = await asyncio.gather(*(
+                        job(http, agent, "POST", "/v1/baremetal/chassis", {"params": f.params()})
+                        for f in (healthy, dead)))
+                    hu, du = h["inventory"]["uuid"], d["inventory"]["uuid"]
+                    await asyncio.sleep(3)       # the registrations' hardware reads end
+                    for _ in range(5):       # paced as below, past min_interval_seconds
+                        out["alone"].append(await power(http, agent, hu))
+                        await asyncio.sleep(0.5)
+                    os.kill(dead.proc.pid, signal.SIGSTOP)
+                    try:
+                        if run_no % 2 == 0:      # one call to the BMC that just went silent
+                            seconds, status, code = await power_any(http, agent, du)
+                            out["one"].append(seconds)
+                            out["codes"].add(code)
+                        else:                    # N concurrent calls, the healthy BMC beside
+                            many = asyncio.gather(*(power_any(http, agent, du)
+                                                    for _ in range(args.dead_callers)))
+                            for _ in range(5):
+                                out["beside"].append(await power(http, agent, hu))
+                                await asyncio.sleep(0.5)
+                            results = await many
+                            out["many"].append(max(r[0] for r in results))
+                            out["codes"].update(r[2] for r in results)
+                        for _ in range(3):
+                            out["known"].append((await power_any(http, agent, du))[0])
+                    finally:
+                        os.kill(dead.proc.pid, signal.SIGCONT)
+            finally:
+                agent.stop()
+    finally:
+        healthy.stop()
+        dead.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def dead_report(args, r: dict) -> list[str]:
+    ms = lambda v: f"{v * 1000:.0f}"   # noqa: E731
+    spread = lambda v: (f"{ms(statistics.median(v))} ({ms(min(v))}-{ms(max(v))})"  # noqa: E731
+                        if v else "-")
+    n = args.dead_callers
+    return [
+        "",
+        f"Dead BMC: two fake BMCs, one stopped with SIGSTOP (silent); default [baremetal] "
+        f"settings (call_timeout_seconds 8); a fresh agent for each of {args.dead_repeat} "
+        f"runs, alternately one call or {n} concurrent calls to the BMC that just went "
+        "silent; the healthy BMC's power call alone and while the dead one has its "
+        f"callers in flight. Error codes of the dead BMC's calls: "
+        f"{', '.join(sorted(c or 'none' for c in r['codes']))}.",
+        "",
+        "| what | ms (median, min-max) |",
+        "|---|---|",
+        f"| healthy BMC, power call alone (baseline) | {spread(r['alone'])} |",
+        f"| healthy BMC, power call while {n} calls hang on the dead one | "
+        f"{spread(r['beside'])} |",
+        f"| dead BMC, one call (just went silent) | {spread(r['one'])} |",
+        f"| dead BMC, {n} concurrent calls: the last answer | {spread(r['many'])} |",
+        f"| dead BMC, a call once it is known down | {spread(r['known'])} |",
+    ]
+
+
 def agent_cpu(agent: AgentProcess) -> float:
     """The agent process' CPU seconds (user + system) so far."""
     fields = Path(f"/proc/{agent.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -141,8 +236,12 @@ def agent_cpu(agent: AgentProcess) -> float:
 
 
 async def run(args) -> str:
-    runs = [await fleet(args, float(d)) for d in args.delays.split(",")]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    dead = dead_report(args, await dead_bmc(args)) if args.only in ("all", "dead") else []
+    if args.only == "dead":
+        return "\n".join([f"### Dead BMC, run of {now}", "", f"Machine: {machine()}.  ",
+                          *dead[1:], ""])
+    runs = [await fleet(args, float(d)) for d in args.delays.split(",")]
     ms = lambda v: f"{v * 1000:.1f}"   # noqa: E731
     n = args.bmcs
     lines = [
@@ -171,7 +270,7 @@ async def run(args) -> str:
             f"| {ms(statistics.median(many))} ({ms(min(many))}-{ms(max(many))}) "
             f"| {ratio:.2f}x | {'met' if ratio <= TARGET_RATIO else 'MISSED'} "
             f"| {r['cpu_per_call'] * 1000:.2f} | {ms(r['cold_one'])} | {ms(r['cold_many'])} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + dead + [""])
 
 
 def main() -> int:
@@ -180,6 +279,10 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--delays", default="0,20",
                    help="comma separated BMC delays in ms, one fleet of fakes each")
+    p.add_argument("--dead-callers", type=int, default=20)
+    p.add_argument("--dead-repeat", type=int, default=4,
+                   help="fresh agents for the dead-BMC runs (alternately 1 and N callers)")
+    p.add_argument("--only", choices=("all", "fleet", "dead"), default="all")
     p.add_argument("--no-append", action="store_true")
     args = p.parse_args()
     report = asyncio.run(run(args))

@@ -27,6 +27,7 @@ PACKAGES=(
     python3-libvirt libvirt-dev
     ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
     dnsmasq ipmitool tftp-hpa isc-dhcp-client umockdev ipxe-qemu ipxe openssl
+    debian-installer-12-netboot-amd64
     nfs-ganesha nfs-ganesha-vfs fuse3 python3-pyudev
     systemd util-linux procps curl
     python3-fusepy xfsprogs e2fsprogs rsync openssh-client openssh-server

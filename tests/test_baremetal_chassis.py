@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import stat
 import time
 import uuid as uuidlib
@@ -318,6 +319,11 @@ async def test_provision_fails_cleanly_when_bmc_is_gone(bm_agent, http, bmcs):
     s, inv = await get(http, bm_agent, f"{CHASSIS}/{c}")
     assert inv["inventory"]["status"] == "Unprovisioned"     # nothing half-done
     bmc.start()
+    # The BMC is taken as down until the background probe (every 5 s) reaches it again.
+
+    async def answers():
+        return (await get(http, bm_agent, f"{CHASSIS}/{c}/power"))[0] == 200
+    await wait_for(answers, timeout=20, what="the restarted BMC answering", interval=0.5)
     status, body = await act(http, bm_agent, c, "provisionBaremetalHost")
     assert status == 200 and body["inventory"]["status"] == "Provisioning"
 
@@ -554,6 +560,143 @@ async def test_many_bmcs_in_parallel(bm_agent, http, bmcs):
     assert all(s == (200, {"status": "on"}) for s in states)
     assert time.monotonic() - t0 < 5
     assert all("on" in f.ipmitool("power", "status") for f in fakes)
+
+
+# ------------------------------------------------------------------ a dead BMC (issue 11.1)
+
+async def power_timed(http, agent, chassis: str, client_timeout: float | None = None):
+    """(seconds, status, error code) of GET .../power; status None if the client gave up."""
+    t0 = time.monotonic()
+    try:
+        async with http.get(f"{agent.url}{CHASSIS}/{chassis}/power", headers=agent.headers,
+                            timeout=aiohttp.ClientTimeout(total=client_timeout)) as r:
+            body = await r.json()
+            return time.monotonic() - t0, r.status, (body.get("error") or {}).get("code"), body
+    except asyncio.TimeoutError:
+        return time.monotonic() - t0, None, None, None
+
+
+async def wait_hwinfo(http, agent, chassis: str) -> None:
+    async def stored():
+        s, body = await get(http, agent, "/v1/baremetal/hardwareinfo", q=f"chassisUuid={chassis}")
+        return body["inventories"]
+    await wait_for(stored, timeout=120, what="the hardware info read after registration",
+                   interval=0.5)
+
+
+async def test_dead_bmc_fails_fast_without_a_queue_then_recovers(agent_factory, http, bmcs):
+    # Whole-call bound 6 s; a BMC found down is probed every second.
+    agent = agent_factory({"baremetal": {"call_timeout_seconds": 6,
+                                         "probe_interval_seconds": 1}}).start()
+    dead, alive = bmcs(), bmcs()
+    c = (await register(http, agent, dead))["uuid"]
+    c_alive = (await register(http, agent, alive))["uuid"]
+    assert (await power_timed(http, agent, c))[1] == 200
+    os.kill(dead.proc.pid, signal.SIGSTOP)          # the BMC stops answering
+    try:
+        # 20 concurrent callers, plus 10 that give up after 1 s (their connections close).
+        t0 = time.monotonic()
+        calls = [power_timed(http, agent, c) for _ in range(20)]
+        leavers = [power_timed(http, agent, c, client_timeout=1) for _ in range(10)]
+        healthy = power_timed(http, agent, c_alive)
+        results = await asyncio.gather(*calls, *leavers, healthy)
+        stayed, left, other = results[:20], results[20:30], results[30]
+        worst = max(r[0] for r in stayed)
+        assert worst < 6 + 1.5, f"20 calls to a dead BMC: the last answered after {worst:.1f} s"
+        for seconds, status, code, body in stayed:
+            assert status == 503 and code == "BM.1101", body
+            assert f"127.0.0.1:{dead.port}" in body["error"]["description"]
+        assert all(r[1] is None for r in left)
+        assert other[1] == 200 and other[0] < 2, f"a healthy BMC waited {other[0]:.1f} s"
+        # Known down: the next calls fail at once, naming the address.
+        for _ in range(3):
+            seconds, status, code, body = await power_timed(http, agent, c)
+            assert status == 503 and code == "BM.1101" and seconds < 1, (seconds, body)
+            assert f"127.0.0.1:{dead.port}" in body["error"]["description"]
+            assert "probe" in body["error"]["description"]
+        status, body = await act(http, agent, c, "powerOnBaremetalHost")
+        assert status == 503 and body["error"]["code"] == "BM.1101", body
+        assert time.monotonic() - t0 < 20
+    finally:
+        os.kill(dead.proc.pid, signal.SIGCONT)      # revived: a probe sees it again
+
+    async def answers():
+        seconds, status, code, body = await power_timed(http, agent, c)
+        return status == 200
+    await wait_for(answers, timeout=20, what="the revived BMC answering again", interval=0.5)
+    assert await act(http, agent, c, "powerOnBaremetalHost") == (200, {})
+    assert "on" in dead.ipmitool("power", "status")
+    assert "is down" in agent.log() and "answers again" in agent.log()
+
+
+async def test_callers_that_leave_hold_no_place_in_a_bmcs_queue(agent_factory, http, bmcs):
+    # A slow but healthy BMC: 1 s over each command, so each call holds the BMC's turn ~1 s.
+    agent = agent_factory({"baremetal": {"call_timeout_seconds": 30}}).start()
+    slow = bmcs()
+    c = (await register(http, agent, slow))["uuid"]
+    await wait_hwinfo(http, agent, c)       # the registration's reads are over
+    slow.delay_ms = 1000                    # then it gets slow: ~1 s over each command
+    slow.restart()
+    r = await power_timed(http, agent, c)
+    assert r[1] == 200, r
+    # 10 callers give up after 0.5 s: 10 s of queue if their places were kept.
+    left = await asyncio.gather(*(power_timed(http, agent, c, client_timeout=0.5)
+                                  for _ in range(10)))
+    assert all(r[1] is None for r in left)
+    seconds, status, code, body = await power_timed(http, agent, c)
+    assert status == 200, body
+    # At most the one call already at the BMC (~1 s) and our own (~1 s).
+    assert seconds < 3.5, f"a new caller waited {seconds:.1f} s behind callers that left"
+
+
+async def test_a_bmcs_queue_is_bounded(agent_factory, http, bmcs):
+    agent = agent_factory({"baremetal": {"call_timeout_seconds": 30,
+                                         "max_waiting_calls": 3}}).start()
+    slow = bmcs()
+    c = (await register(http, agent, slow))["uuid"]
+    await wait_hwinfo(http, agent, c)       # the registration's reads are over
+    slow.delay_ms = 1000                    # then it gets slow: ~1 s over each command
+    slow.restart()
+    results = await asyncio.gather(*(power_timed(http, agent, c) for _ in range(8)))
+    codes = sorted((r[1], r[2]) for r in results)
+    assert codes.count((200, None)) == 4, codes          # one at the BMC, three waiting
+    refused = [r for r in results if r[1] == 503]
+    assert len(refused) == 4 and all(r[2] == "BM.1105" and r[0] < 1 for r in refused), refused
+    assert "wait for this BMC" in refused[0][3]["error"]["description"]
+
+
+async def test_jobs_of_callers_that_left_end_sensibly(bm_agent, http, bmcs):
+    bmc = bmcs()
+    c = (await register(http, bm_agent, bmc))["uuid"]
+    ids = []
+    for i in range(30):     # callers leaving at every point of the submission
+        job = uuidlib.uuid4().hex
+        ids.append(job)
+        try:
+            async with http.put(f"{bm_agent.url}{CHASSIS}/{c}/actions",
+                                json={"powerStatusBaremetalHost": {}},
+                                headers=dict(bm_agent.headers, **{"X-Job-UUID": job}),
+                                timeout=aiohttp.ClientTimeout(total=0.002 * (i % 15))) as r:
+                await r.read()
+        except asyncio.TimeoutError:
+            pass
+
+    async def all_ended():
+        for job in ids:
+            async with http.get(f"{bm_agent.url}/v1/api-jobs/{job}",
+                                headers=bm_agent.headers) as r:
+                if r.status == 202:
+                    return False
+                assert r.status in (200, 404), await r.text()
+                if r.status == 200:
+                    assert (await r.json())["status"] in ("on", "off")
+        return True
+    await wait_for(all_ended, timeout=30, what="every submitted job ended")
+    # A caller that left can submit the same X-Job-UUID again and gets the job's result.
+    status, body = await run_job(http, bm_agent, "PUT", f"{CHASSIS}/{c}/actions",
+                                 {"powerStatusBaremetalHost": {}},
+                                 headers={"X-Job-UUID": ids[0]})
+    assert status == 200 and body["status"] in ("on", "off"), body
 
 
 # ------------------------------------------------------------------ secrets

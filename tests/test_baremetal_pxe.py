@@ -350,6 +350,45 @@ async def test_dhcp_lease_tftp_and_lease_events(lab, pxe_agent, http):
     assert body["inventories"][0]["uuid"] == server["uuid"]
 
 
+async def test_dhcp_offers_no_router_unless_configured(lab, pxe_agent, http):
+    """Issue 13.13: dnsmasq offers its own address as router unless told otherwise."""
+    server = await ensure_br0_server(http, pxe_agent)
+    assert server["router"] is None and server["dnsServers"] == []
+    env = lab.dhclient()
+    assert env["new_ip_address"].startswith("10.200.0.")
+    assert "new_routers" not in env, env                  # no option 3
+    assert "new_domain_name_servers" not in env, env      # no option 6
+    actions = f"/v1/baremetal/pxeserver/{server['uuid']}/actions"
+    try:
+        # a router outside the subnet, or inside the DHCP range, is refused
+        for bad in ("10.200.1.1", "10.200.0.120", "10.200.0.255"):
+            status, body = await submit(http, pxe_agent, "PUT", actions,
+                                        {"updateBaremetalPxeServer": {"router": bad}})
+            assert status == 400 and body["error"]["code"] == "PXE.1010", body
+        status, body = await submit(http, pxe_agent, "PUT", actions,
+                                    {"updateBaremetalPxeServer": {"dnsServers": "1.2.3"}})
+        assert status == 400 and "dnsServers" in body["error"]["description"], body
+        status, body = await run_job(http, pxe_agent, "PUT", actions, {"updateBaremetalPxeServer": {
+            "router": "10.200.0.254", "dnsServers": "10.200.0.53, 10.200.0.54"}})
+        assert status == 200, body
+        inv = body["inventory"]
+        assert inv["router"] == "10.200.0.254" and inv["dnsServers"] == ["10.200.0.53", "10.200.0.54"]
+        env = lab.dhclient()
+        assert env["new_routers"] == "10.200.0.254", env
+        assert env["new_domain_name_servers"] == "10.200.0.53 10.200.0.54", env
+        # the same after an agent restart (stored)
+        pxe_agent.restart()
+        env = lab.dhclient()
+        assert env["new_routers"] == "10.200.0.254", env
+    finally:
+        status, body = await run_job(http, pxe_agent, "PUT", actions, {"updateBaremetalPxeServer": {
+            "router": "", "dnsServers": []}})
+        assert status == 200 and body["inventory"]["router"] is None, body
+        assert body["inventory"]["dnsServers"] == []
+    env = lab.dhclient()
+    assert "new_routers" not in env and "new_domain_name_servers" not in env, env
+
+
 async def test_host_config_reservation_install_files_and_callback(lab, pxe_agent, fake_bmc, http):
     server = await ensure_br0_server(http, pxe_agent)
     chassis = await new_chassis(http, pxe_agent, fake_bmc)
@@ -500,6 +539,44 @@ async def test_host_config_reservation_install_files_and_callback(lab, pxe_agent
     assert server["uuid"]
 
 
+async def test_provision_rearms_and_chassis_delete_drops_the_host_config(lab, pxe_agent,
+                                                                          fake_bmc, http):
+    """Issue 13.14: the chassis half calls pxe_arm_install and pxe_chassis_deleted."""
+    await ensure_br0_server(http, pxe_agent)
+    chassis = await new_chassis(http, pxe_agent, fake_bmc)
+    status, reply = await run_job(http, pxe_agent, "POST", "/v1/baremetal/hostcfg", {"params": {
+        "chassisUuid": chassis, "hostname": "re1", "osFamily": "rhel",
+        "nicCfgs": [{"mac": "52:54:00:aa:00:44", "ip": "10.200.0.144", "netmask": "24", "pxe": True}]}})
+    assert status == 200, reply
+    hc = reply["inventory"]["uuid"]
+    local = lambda url: url.replace(f"http://10.200.0.1:{pxe_agent.port}", pxe_agent.url)  # noqa: E731
+    async with http.post(local(reply["inventory"]["installUrl"] + "/done")) as r:
+        assert r.status == 200, await r.text()
+    status, body = await get_json(http, pxe_agent, f"/v1/baremetal/hostcfg/{hc}")
+    assert body["inventory"]["installState"] == "Done"
+    # provisioning the chassis arms its install again
+    status, body = await run_job(http, pxe_agent, "PUT", f"/v1/baremetal/chassis/{chassis}/actions",
+                                 {"updateBaremetalChassis": {"status": "Unprovisioned"}})
+    assert status == 200, body
+    status, body = await run_job(http, pxe_agent, "PUT", f"/v1/baremetal/chassis/{chassis}/actions",
+                                 {"provisionBaremetalHost": {}}, timeout=60)
+    assert status == 200, body
+    status, body = await get_json(http, pxe_agent, f"/v1/baremetal/hostcfg/{hc}")
+    assert body["inventory"]["installState"] == "Armed", body
+    install_url = body["inventory"]["installUrl"]
+    async with http.get(local(install_url)) as r:
+        assert r.status == 200
+    # deleting the chassis drops its host config, reservation and install URL
+    status, body = await run_job(http, pxe_agent, "DELETE", f"/v1/baremetal/chassis/{chassis}")
+    assert status == 200, body
+    status, body = await get_json(http, pxe_agent, f"/v1/baremetal/hostcfg/{hc}")
+    assert status == 404, body
+    async with http.get(local(install_url)) as r:
+        assert r.status == 404
+    hosts = (pxe_agent.state_dir / "pxe" / "dhcp-hosts").read_text()
+    assert "52:54:00:aa:00:44" not in hosts and "10.200.0.144" not in hosts
+
+
 async def test_a_dnsmasq_that_cannot_start_is_a_503_and_leaves_nothing(lab, pxe_agent, http):
     """Something else holds TFTP on veth-s2: dnsmasq's own words come back, nothing is kept."""
     squatter = subprocess.Popen(
@@ -600,6 +677,74 @@ async def test_qemu_guest_pxe_boots_through_ipxe_to_the_agents_http(lab, pxe_age
     assert "GET /v1/baremetal/boot/rhel/vmlinuz 200" in log
     ev = await wait_event(http, pxe_agent, "PxeDhcpLease", lambda d: d["mac"] == VM_MAC and d["ipxe"])
     assert ev["data"]["ip"] == "10.200.0.130" and ev["data"]["chassisUuid"] == chassis
+
+
+# Debian's debian-installer-12-netboot-amd64 package (scripts/install.sh installs it).
+DEBIAN_INSTALLER = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
+INSTALLER_SECONDS = 240        # TCG on a busy 2-core machine; 30-60 s on a quiet one
+
+
+@pytest.mark.installer
+@pytest.mark.timeout(INSTALLER_SECONDS * 2 + 60)
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64")
+                    or not (DEBIAN_INSTALLER / "linux").is_file(),
+                    reason="needs qemu-system-x86_64 and debian-installer-12-netboot-amd64")
+async def test_real_debian_installer_fetches_its_preseed_without_a_question(
+        lab, pxe_agent, boot_dir, fake_bmc, http):
+    """Issue 13.12: the real Debian 12 netboot installer, PXE-booted (TCG) from the agent,
+    asks nothing and fetches its preseed: on a network without a DNS server (the
+    kernel command line answers the name-server question), then with one (DHCP option 6)."""
+    server = await ensure_br0_server(http, pxe_agent)
+    actions = f"/v1/baremetal/pxeserver/{server['uuid']}/actions"
+    chassis = await new_chassis(http, pxe_agent, fake_bmc)
+    mac = "52:54:00:aa:00:11"
+    status, reply = await run_job(http, pxe_agent, "POST", "/v1/baremetal/hostcfg", {"params": {
+        "chassisUuid": chassis, "hostname": "deb1.lab.example", "osFamily": "debian",
+        "unattended": True, "password": PASSWORD,
+        "nicCfgs": [{"mac": mac, "ip": "10.200.0.131", "netmask": "24", "pxe": True}]}})
+    assert status == 200, reply
+    hostcfg = reply["inventory"]["uuid"]
+    saved = {n: (boot_dir / "debian" / n).read_bytes() for n in ("vmlinuz", "initrd.img")}
+    shutil.copyfile(DEBIAN_INSTALLER / "linux", boot_dir / "debian" / "vmlinuz")
+    shutil.copyfile(DEBIAN_INSTALLER / "initrd.gz", boot_dir / "debian" / "initrd.img")
+    try:
+        for dns in ([], ["10.200.0.53"]):
+            status, body = await run_job(http, pxe_agent, "PUT", actions,
+                                         {"updateBaremetalPxeServer": {"dnsServers": dns}})
+            assert status == 200, body
+            await boot_until_preseed(lab, pxe_agent, mac, f"dns-{len(dns)}")
+    finally:
+        for n, data in saved.items():
+            (boot_dir / "debian" / n).write_bytes(data)
+        await run_job(http, pxe_agent, "PUT", actions, {"updateBaremetalPxeServer": {"dnsServers": []}})
+        await run_job(http, pxe_agent, "DELETE", f"/v1/baremetal/hostcfg/{hostcfg}")
+
+
+async def boot_until_preseed(lab, agent, mac: str, name: str) -> None:
+    serial = lab.base / f"installer-{name}.log"
+    def fetched() -> int:      # the access log writes the token as "<token>" or "{token}"
+        return len(re.findall(r"GET /v1/baremetal/install/\S+ 200", agent.log()))
+    before = fetched()
+    t0 = time.monotonic()
+    vm = subprocess.Popen(
+        ["ip", "netns", "exec", lab.srv, "qemu-system-x86_64", "-machine", "q35,accel=tcg",
+         "-m", "1024", "-nographic", "-no-reboot", "-boot", "n", "-serial", f"file:{serial}",
+         "-monitor", "none", "-netdev", "tap,id=n0,ifname=tap-vm,script=no,downscript=no",
+         "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lab.procs.append(vm)
+    try:
+        while fetched() == before:
+            tail = serial.read_text(errors="replace")[-3000:] if serial.exists() else ""
+            assert vm.poll() is None, tail
+            assert time.monotonic() - t0 < INSTALLER_SECONDS, (
+                f"the installer did not fetch its preseed within {INSTALLER_SECONDS} s; "
+                f"its console ends with:\n{tail}")
+            await asyncio.sleep(1)
+    finally:
+        vm.kill()
+        vm.wait(10)
+    print(f"installer ({name}) fetched its preseed after {time.monotonic() - t0:.0f} s")
 
 
 # ------------------------------------------------------------------ rendering, without the lab

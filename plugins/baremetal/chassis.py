@@ -83,12 +83,15 @@ class BaremetalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key_file: Path | None = None                 # default: <state dir>/baremetal.key
-    call_timeout_seconds: float = Field(20.0, gt=0, le=600)
+    # One whole BMC call: its wait for the BMC's turn, logins, attempts and retry pauses.
+    call_timeout_seconds: float = Field(8.0, gt=0, le=600)
     retries: int = Field(2, ge=0, le=10)
     retry_backoff_seconds: float = Field(0.5, ge=0, le=60)
     min_interval_seconds: float = Field(0.1, ge=0, le=10)
     session_idle_seconds: float = Field(300.0, ge=0)   # 0: keep sessions for ever
     ipmi_threads: int = Field(64, ge=1, le=1024)
+    max_waiting_calls: int = Field(32, ge=1, le=10000)   # per BMC; more are refused at once
+    probe_interval_seconds: float = Field(5.0, gt=0, le=3600)   # a BMC found down is tried
     allow_sha1: bool = True                      # fall back to RAKP-HMAC-SHA1
     console_token_seconds: float = Field(60.0, gt=0, le=3600)
     inspection_max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
@@ -245,7 +248,9 @@ class ChassisRoutes:
         self._ipmi_runner = self.agent.runner("baremetal-ipmi", max_threads=conf.ipmi_threads)
         self._policy = ipmi.CallPolicy(timeout=conf.call_timeout_seconds, retries=conf.retries,
                                        backoff=conf.retry_backoff_seconds,
-                                       min_interval=conf.min_interval_seconds)
+                                       min_interval=conf.min_interval_seconds,
+                                       max_waiting=conf.max_waiting_calls,
+                                       probe_interval=conf.probe_interval_seconds)
         self._sessions: dict[str, ipmi.BmcSession] = {}
         self._session_lock = asyncio.Lock()
         self._provision_claims: dict[str, float] = {}
@@ -406,7 +411,7 @@ class ChassisRoutes:
     async def _verify(self, creds: ipmi.Credentials) -> str:
         """Log in with creds and read the power state; a fresh session, closed after."""
         self._ensure_pump()
-        s = ipmi.BmcSession(creds, self._ipmi_runner, self._policy)
+        s = ipmi.BmcSession(creds, self._ipmi_runner, self._policy, watch=False)
         try:
             return await s.call(ipmi.op_power_status, what="log in")
         except ipmi.BmcError as e:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from agent import errors
 
 log = logging.getLogger("node_agent.baremetal.pxe")
@@ -34,32 +36,28 @@ LOG_ROTATE_BYTES = 10 << 20
 def _alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped by init, is not)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 def _group(pgid: int) -> list[int]:
-    """The live (not zombie) members of a process group."""
+    """The live (not zombie) members of a process group (dnsmasq and its lease-script
+    helper, which init may have adopted already: a process tree would miss it)."""
     out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for pid in psutil.pids():
         try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
+            if os.getpgid(pid) == pgid and _alive(pid):
+                out.append(pid)
+        except ProcessLookupError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry.name))
     return out
 
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 

@@ -106,8 +106,15 @@ def kernel_args(values: dict[str, Any], serial_console: str | None) -> str:
     else:
         if values["unattended"]:
             args += ["auto=true", "priority=critical"]
+        # The preseed is fetched only once the network is up, and netcfg asks (at
+        # critical priority) "Continue without a default route?" when DHCP offers no
+        # router, and for name servers when it offers none: answer both here.  A DHCP
+        # offer with a router or DNS servers (the PXE server's router, dnsServers) is
+        # used as offered.
         args += [f"url={values['install_url']}", "locale=en_US.UTF-8", "keymap=us",
-                 "netcfg/choose_interface=auto", f"hostname={values['short_hostname']}",
+                 "netcfg/choose_interface=auto", "netcfg/no_default_route=true",
+                 "netcfg/get_nameservers=",
+                 f"hostname={values['short_hostname']}",
                  f"domain={values['domain']}", "BOOTIF=01-${netX/mac:hexhyp}"]
     if serial_console:
         args += ["console=tty0", f"console={serial_console}"]

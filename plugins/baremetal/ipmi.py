@@ -23,9 +23,18 @@ pyghmi 1.6.19 needs these fixes, applied once (``_patch_pyghmi``):
 - Credentials go in as ``bytes``: two sessions with the same ``str``
   credentials in one process make pyghmi's session cache hang.
 
-Besides, each session gives up on a silent BMC after two retransmits (2-3 s)
-instead of pyghmi's ~30 s of retransmits and in-session re-logins: call()
-re-logs in itself, with backoff.
+Besides, each session gives up on a silent BMC after two retransmits (about
+3 s) instead of pyghmi's ~30 s of retransmits and in-session re-logins:
+call() re-logs in itself, with backoff.
+
+A dead BMC must not build a queue (issue 11): one whole call (its wait for
+the BMC's turn, logins, attempts and pauses) is bounded by
+``CallPolicy.timeout``; a call that ends with the BMC silent marks it down,
+and while it is down calls fail at once (``BM.1101`` naming the address)
+until a background probe reaches it again.  A caller that goes away while
+waiting for its turn leaves the queue; the attempt in flight runs to its
+(bounded) end in a task of its own, so a command is never cut in half and
+its outcome still marks the BMC up or down.
 """
 
 from __future__ import annotations
@@ -238,17 +247,27 @@ class Credentials:
 
 @dataclass
 class CallPolicy:
-    timeout: float = 20.0          # one attempt, login included
+    timeout: float = 8.0           # one whole call: the wait for the BMC's turn, logins,
+                                   # every attempt and retry pause
     retries: int = 2               # more attempts after a transient failure
     backoff: float = 0.5           # first pause; doubles each retry
     min_interval: float = 0.1      # between two calls to the same BMC
+    max_waiting: int = 32          # calls waiting for the BMC's turn; more are refused
+    probe_interval: float = 5.0    # how often a BMC found down is tried again
+
+
+# The final errors of a call that mean "the BMC does not answer": it is marked down.
+_DOWN_KINDS = (UNREACHABLE, LOST)
 
 
 class BmcSession:
     """The agent's one session with one BMC: calls go one at a time."""
 
-    def __init__(self, creds: Credentials, runner, policy: CallPolicy) -> None:
+    def __init__(self, creds: Credentials, runner, policy: CallPolicy, *,
+                 watch: bool = True) -> None:
+        """watch: mark the BMC down when it stops answering (False for a one-off login)."""
         _patch_pyghmi()
+        self.watch = watch
         self.creds = creds
         self.runner = runner
         self.policy = policy
@@ -258,6 +277,11 @@ class BmcSession:
         self._cmd = None              # pyghmi Command, touched only in runner threads
         self._cmd_lock = threading.Lock()
         self.closed = False
+        self._waiting = 0             # calls waiting for the lock
+        self._tasks: set[asyncio.Task] = set()
+        self._down: str | None = None  # why the BMC is taken as down; None: up
+        self._down_since = 0.0
+        self._probe: asyncio.Task | None = None
 
     # -- blocking side (runner threads) --
     def _command(self):
@@ -313,43 +337,147 @@ class BmcSession:
                 pass
 
     # -- async side --
+    @property
+    def down(self) -> bool:
+        return self._down is not None
+
+    def _fail_if_down(self) -> None:
+        if self._down is not None:
+            since = time.strftime("%H:%M:%S", time.localtime(self._down_since))
+            raise BmcError(UNREACHABLE, f"the BMC has not answered since {since} "
+                                        f"({self._down}); calls fail at once until a "
+                                        "background probe (every "
+                                        f"{self.policy.probe_interval:g} s) reaches it again")
+
+    def _mark_down(self, err: BmcError) -> None:
+        if self._down is None:
+            self._down_since = time.time()
+            log.warning("BMC %s is down (%s): its calls fail at once until a probe every "
+                        "%g s reaches it", self.creds.where, err.message,
+                        self.policy.probe_interval)
+        self._down = err.message
+        if (self._probe is None or self._probe.done()) and not self.closed:
+            self._probe = asyncio.create_task(self._probe_until_up(),
+                                              name=f"bmc-probe-{self.creds.where}")
+
     async def call(self, op: Callable[[Any], T], *, what: str,
                    retries: int | None = None, timeout: float | None = None) -> T:
-        """Run op(command) in a thread, serialized, with retries; raise BmcError."""
+        """Run op(command) in a thread, serialized, with retries; raise BmcError.
+
+        ``timeout`` bounds the whole call, the wait for the BMC's turn included.
+        """
         policy = self.policy
         retries = policy.retries if retries is None else retries
         timeout = policy.timeout if timeout is None else timeout
-        async with self.lock:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.closed:
+            raise BmcError(FAILED, "the chassis was deleted or its credentials changed")
+        self._fail_if_down()
+        if self._waiting >= policy.max_waiting:
+            raise BmcError(BUSY, f"{self._waiting} calls already wait for this BMC")
+        if self.lock.locked() or self._waiting:
+            await self._wait_turn(what, timeout, deadline)
+        else:
+            await self.lock.acquire()        # free: taken at once, no timer needed
+        # The lock is ours; the task releases it.  A caller who leaves from here on
+        # does not cut the BMC command in half: the task ends on its own deadline.
+        task = loop.create_task(self._attempts(op, what, retries, timeout, deadline))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return await asyncio.shield(task)
+
+    async def _wait_turn(self, what: str, timeout: float, deadline: float) -> None:
+        """Acquire the lock behind the BMC's other calls, for at most the call's bound."""
+        self._waiting += 1
+        try:
+            # A little grace: a call ahead that finds the BMC dead ends on the same
+            # deadline, and then this one should say so (BM.1101), not "busy".
+            async with asyncio.timeout_at(deadline + 0.25):
+                await self.lock.acquire()
+        except TimeoutError:
+            self._fail_if_down()
+            raise BmcError(BUSY, f"{what} waited {timeout:g} s for its turn behind the "
+                                 "BMC's other calls") from None
+        finally:
+            self._waiting -= 1
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()          # retrieved: a caller that left never will
+
+    async def _attempts(self, op: Callable[[Any], T], what: str, retries: int,
+                        timeout: float, deadline: float) -> T:
+        loop = asyncio.get_running_loop()
+        policy = self.policy
+        try:
             if self.closed:
                 raise BmcError(FAILED, "the chassis was deleted or its credentials changed")
+            self._fail_if_down()      # found down while this call waited for its turn
             attempt = 0
             while True:
                 pause = self._last_call_end + policy.min_interval - time.monotonic()
                 if pause > 0:
                     await asyncio.sleep(pause)
                 try:
-                    return await self.runner.call(self._run, op, timeout=timeout)
+                    result = await self.runner.call(self._run, op,
+                                                    timeout=max(deadline - loop.time(), 0.01))
+                    self._down = None
+                    return result
                 except errors.Timeout:
                     # The thread is abandoned; its session is not trusted again.
                     self._drop()
-                    err = BmcError(LOST, f"{what} did not finish within {timeout:g} s",
-                                   transient=True, session_broken=True)
+                    err = BmcError(LOST, f"{what} got no answer within the call's "
+                                         f"{timeout:g} s limit", transient=True,
+                                   session_broken=True)
                 except BmcError as e:
                     err = e
                 finally:
                     self._last_call_end = time.monotonic()
                     self.last_used = time.time()
-                if not err.transient or attempt >= retries:
-                    raise err
                 delay = policy.backoff * (2 ** attempt)
+                if not err.transient or attempt >= retries or loop.time() + delay >= deadline:
+                    if err.kind in _DOWN_KINDS and self.watch:
+                        self._mark_down(err)
+                        raise BmcError(UNREACHABLE, f"{err.message}; it is taken as down: "
+                                                    "calls fail at once until a probe "
+                                                    "reaches it") from None
+                    raise err
                 attempt += 1
                 log.info("BMC %s: %s failed (%s); retry %d/%d in %.1f s", self.creds.where,
                          what, err.message, attempt, retries, delay)
                 await asyncio.sleep(delay)
+        finally:
+            self.lock.release()
+
+    async def _probe_until_up(self) -> None:
+        """Try the BMC every probe_interval until it answers (then it is up again)."""
+        policy = self.policy
+        while self._down is not None and not self.closed:
+            await asyncio.sleep(policy.probe_interval)
+            async with self.lock:
+                if self.closed:
+                    return
+                try:
+                    await self.runner.call(self._run, op_power_status, timeout=policy.timeout)
+                except errors.Timeout:
+                    self._drop()
+                except BmcError as e:
+                    if e.kind not in _DOWN_KINDS:   # it answers (a refusal is an answer)
+                        self._down = None
+                else:
+                    self._down = None
+                finally:
+                    self._last_call_end = time.monotonic()
+            if self._down is None:
+                log.info("BMC %s answers again", self.creds.where)
 
     async def close(self) -> None:
         """Log out (best effort, bounded) and refuse further calls."""
         self.closed = True
+        if self._probe is not None:
+            self._probe.cancel()
         try:
             await self.runner.call(self._logout, timeout=2)
         except Exception:

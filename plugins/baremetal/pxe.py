@@ -92,6 +92,21 @@ SCHEMA = [
 ]
 
 
+# Columns added after the first release: ALTER TABLE on a state dir that lacks them.
+SERVER_COLUMNS = {"router": "TEXT", "dns_servers": "TEXT NOT NULL DEFAULT ''"}
+
+
+def _add_server_columns(conn: sqlite3.Connection) -> None:
+    have = {r[1] for r in conn.execute("PRAGMA table_info(bm_pxe_servers)")}
+    for name, decl in SERVER_COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE bm_pxe_servers ADD COLUMN {name} {decl}")
+
+
+def _dns_of(row: sqlite3.Row) -> list[str]:
+    return [d for d in (row["dns_servers"] or "").split(",") if d]
+
+
 # ------------------------------------------------------------------ settings
 
 class PxeSettings(BaseModel):
@@ -200,6 +215,7 @@ class PxeRoutes:
         self._pxe_servers: dict[str, _Server] = {}
         self._pxe_macs: dict[str, tuple[str, str]] = {}   # mac -> (hostcfg uuid, chassis uuid)
         await self.agent.db.migrate(SCHEMA)
+        await self.agent.db.transaction(_add_server_columns)
         binary = shutil.which(conf.dnsmasq)
         self.set_capability("dnsmasq", binary is not None,
                             f"dnsmasq ('{conf.dnsmasq}') is not installed: install Debian's "
@@ -313,6 +329,7 @@ class PxeRoutes:
             uuid=row["uuid"], name=row["name"], description=row["description"],
             dhcp_interface=row["dhcp_interface"], dhcp_range_begin=row["range_begin"],
             dhcp_range_end=row["range_end"], dhcp_range_netmask=row["netmask"],
+            router=row["router"] or None, dns_servers=_dns_of(row),
             dhcp_server_ip=row["server_ip"], boot_url=self._pxe_base_url(row["server_ip"]),
             status=status, status_reason=reason, pid=pid, restarts=restarts,
             create_date=iso(row["created"]), last_op_date=iso(row["updated"]))
@@ -345,7 +362,8 @@ class PxeRoutes:
             "dnsmasq.conf.j2", uuid=row["uuid"], interface=row["dhcp_interface"],
             begin=row["range_begin"], end=row["range_end"], netmask=row["netmask"],
             lease_seconds=conf.lease_seconds, dir=str(workdir), hostsfile=str(self._pxe_hostsfile),
-            server_ip=row["server_ip"], bios_file=bios.name, efi_file=efi.name, ipv6_ra=ipv6_ra)
+            server_ip=row["server_ip"], bios_file=bios.name, efi_file=efi.name, ipv6_ra=ipv6_ra,
+            router=row["router"] or None, dns_servers=_dns_of(row))
         boot = render.render("boot.ipxe.j2", uuid=row["uuid"], base=base)
 
         def _write() -> None:
@@ -362,10 +380,19 @@ class PxeRoutes:
         await asyncio.to_thread(_write)
 
     async def _pxe_check(self, *, name: str, interface: str, begin: str, end: str,
-                         netmask: str | None, exclude: str | None = None) -> netinfo.CheckedRange:
+                         netmask: str | None, router: str | None = None,
+                         exclude: str | None = None, **_: Any) -> netinfo.CheckedRange:
         """Every 4xx a PXE server's fields can earn; nothing is changed."""
         ifaces = await netinfo.read_addresses(self.runner, self.pxe_conf.ip)
         checked = netinfo.check_range(ifaces, interface, begin, end, netmask)
+        if router:
+            r = ipaddress.IPv4Address(router)
+            if (r not in checked.network or r in (checked.network.network_address,
+                                                  checked.network.broadcast_address)
+                    or checked.begin <= r <= checked.end):
+                raise errors.BadRequest(
+                    f"router {router} must be a host of the range's subnet {checked.network}, "
+                    f"outside the DHCP range", code="PXE.1010")
         for other in await self.agent.db.fetchall("SELECT * FROM bm_pxe_servers"):
             if other["uuid"] == exclude:
                 continue
@@ -415,14 +442,16 @@ class PxeRoutes:
         async with self._pxe_lock:
             checked = await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                                             begin=params.dhcp_range_begin, end=params.dhcp_range_end,
-                                            netmask=params.dhcp_range_netmask)
+                                            netmask=params.dhcp_range_netmask, router=params.router)
             uuid = params.resource_uuid or uuidlib.uuid4().hex
             now = _now()
             await self.agent.db.execute(
                 "INSERT INTO bm_pxe_servers(uuid, name, description, dhcp_interface, range_begin, "
-                "range_end, netmask, server_ip, desired, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "range_end, netmask, server_ip, desired, created, updated, router, dns_servers) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (uuid, params.name, params.description, params.dhcp_interface, str(checked.begin),
-                 str(checked.end), str(checked.netmask), checked.server_ip, RUNNING, now, now))
+                 str(checked.end), str(checked.netmask), checked.server_ip, RUNNING, now, now,
+                 params.router or None, ",".join(params.dns_servers or [])))
             job.progress(50, "starting dnsmasq")
             try:
                 await self._pxe_start(await self._pxe_row(uuid))
@@ -440,7 +469,7 @@ class PxeRoutes:
             raise errors.Conflict(f"PXE server {params.resource_uuid} exists already", code="PXE.1009")
         await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                               begin=params.dhcp_range_begin, end=params.dhcp_range_end,
-                              netmask=params.dhcp_range_netmask)
+                              netmask=params.dhcp_range_netmask, router=params.router)
 
     @action(PXE_ACTIONS, "startBaremetalPxeServer", params=Empty, result=PxeServerReply,
             requires="dnsmasq")
@@ -467,7 +496,7 @@ class PxeRoutes:
         row = await self._pxe_row(uuid)
         await self._pxe_check(name=row["name"], interface=row["dhcp_interface"],
                               begin=row["range_begin"], end=row["range_end"],
-                              netmask=row["netmask"], exclude=row["uuid"])
+                              netmask=row["netmask"], router=row["router"], exclude=row["uuid"])
 
     @action(PXE_ACTIONS, "stopBaremetalPxeServer", params=Empty, result=PxeServerReply)
     async def pxe_stop_server(self, job, params: Empty, uuid: str) -> PxeServerReply:
@@ -492,10 +521,10 @@ class PxeRoutes:
             checked = await self._pxe_check(**new, exclude=old["uuid"])
             await self.agent.db.execute(
                 "UPDATE bm_pxe_servers SET name=?, description=?, dhcp_interface=?, range_begin=?, "
-                "range_end=?, netmask=?, server_ip=?, updated=? WHERE uuid=?",
+                "range_end=?, netmask=?, server_ip=?, router=?, dns_servers=?, updated=? WHERE uuid=?",
                 (new["name"], params.description if params.description is not None else old["description"],
                  new["interface"], str(checked.begin), str(checked.end), str(checked.netmask),
-                 checked.server_ip, _now(), old["uuid"]))
+                 checked.server_ip, new["router"], new["dns_servers"], _now(), old["uuid"]))
             if old["desired"] == RUNNING:
                 job.progress(50, "restarting dnsmasq with the new settings")
                 await self._pxe_stop(old["uuid"])
@@ -505,9 +534,11 @@ class PxeRoutes:
                     await self._pxe_stop(old["uuid"])
                     await self.agent.db.execute(
                         "UPDATE bm_pxe_servers SET name=?, description=?, dhcp_interface=?, "
-                        "range_begin=?, range_end=?, netmask=?, server_ip=?, updated=? WHERE uuid=?",
+                        "range_begin=?, range_end=?, netmask=?, server_ip=?, router=?, dns_servers=?, "
+                        "updated=? WHERE uuid=?",
                         (old["name"], old["description"], old["dhcp_interface"], old["range_begin"],
-                         old["range_end"], old["netmask"], old["server_ip"], old["updated"], old["uuid"]))
+                         old["range_end"], old["netmask"], old["server_ip"], old["router"],
+                         old["dns_servers"], old["updated"], old["uuid"]))
                     with contextlib.suppress(errors.ApiError):
                         await self._pxe_start(await self._pxe_row(uuid))
                     raise errors.OperationFailed(
@@ -523,7 +554,11 @@ class PxeRoutes:
                 "begin": params.dhcp_range_begin or old["range_begin"],
                 "end": params.dhcp_range_end or old["range_end"],
                 # a new interface brings its own netmask unless one is given
-                "netmask": params.dhcp_range_netmask or (None if iface_changed else old["netmask"])}
+                "netmask": params.dhcp_range_netmask or (None if iface_changed else old["netmask"]),
+                # None: unchanged; "" / []: removed
+                "router": (old["router"] if params.router is None else params.router) or None,
+                "dns_servers": (old["dns_servers"] if params.dns_servers is None
+                                else ",".join(params.dns_servers))}
 
     @pxe_update_server.check
     async def _pxe_update_check(self, params: UpdatePxeServer, uuid: str) -> None:

@@ -111,6 +111,27 @@ class PxeServerFields(WireModel):
             raise ValueError("must be 1-255 characters without control characters")
         return v
 
+    @field_validator("router", check_fields=False, mode="before")
+    @classmethod
+    def _router(cls, v: Any) -> str | None:
+        # "" (or "null"): no router; an update takes it as "remove the router".
+        if v is None:
+            return None
+        if isinstance(v, str) and _nullish(v) is None:
+            return ""
+        return _ipv4(v, "the router's IPv4 address") if isinstance(v, str) else v
+
+    @field_validator("dns_servers", check_fields=False, mode="before")
+    @classmethod
+    def _dns(cls, v: Any) -> list[str] | None:
+        return None if v is None else _dns_list(v)
+
+
+_ROUTER_DOC = ("the router (DHCP option 3) offered to installing machines, inside the range's "
+               "subnet; by default none is offered")
+_DNS_DOC = ("DNS servers (DHCP option 6, at most 3; a list or a comma-separated string) "
+            "offered to installing machines; by default none")
+
 
 class CreatePxeServer(PxeServerFields):
     name: str
@@ -119,6 +140,8 @@ class CreatePxeServer(PxeServerFields):
     dhcp_range_end: str
     dhcp_range_netmask: str | None = Field(None, description="default: the interface's netmask")
     description: str | None = Field(None, max_length=2048)
+    router: str | None = Field(None, description=_ROUTER_DOC)
+    dns_servers: list[str] | None = Field(None, description=_DNS_DOC)
     resource_uuid: str | None = None
 
     @field_validator("resource_uuid")
@@ -134,6 +157,8 @@ class UpdatePxeServer(PxeServerFields):
     dhcp_range_end: str | None = None
     dhcp_range_netmask: str | None = None
     description: str | None = Field(None, max_length=2048)
+    router: str | None = Field(None, description=_ROUTER_DOC + '; "" removes it')
+    dns_servers: list[str] | None = Field(None, description=_DNS_DOC + "; [] removes them")
 
 
 class PxeServerInventory(WireModel):
@@ -144,6 +169,9 @@ class PxeServerInventory(WireModel):
     dhcp_range_begin: str
     dhcp_range_end: str
     dhcp_range_netmask: str
+    router: str | None = Field(None, description="the router offered (DHCP option 3); null: none")
+    dns_servers: list[str] = Field(default_factory=list,
+                                   description="the DNS servers offered (DHCP option 6)")
     dhcp_server_ip: str | None = Field(None, description="the interface's address: next-server and TFTP")
     boot_url: str | None = Field(None, description="the agent's base URL that iPXE chain-loads from")
     status: Literal["Running", "Stopped", "Error"]
