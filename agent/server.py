@@ -27,10 +27,11 @@ from .jobs import JobMeta
 from .models import dump
 from .plugin import Plugin, Route
 from .query import FrozenItems, run_query, spec_for
+from .validation import ControlCharError, control_chars, refuse_control_chars
 
 log = logging.getLogger("node_agent.server")
 
-JOB_UUID_RE = re.compile(r"^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$", re.I)
+JOB_UUID_RE = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", re.I)
 IGNORED_BODY_KEYS = ("systemTags", "userTags")
 ROUTE_KEY = web.AppKey("routes", dict)
 CTX_KEY = web.AppKey("ctx", AgentContext)
@@ -70,11 +71,24 @@ def validate(model: type[BaseModel] | None, data: Any, where: str, *, from_json:
         return None
     data = data if data is not None else {}
     try:
+        refuse_control_chars(model, data)
+    except ControlCharError as e:
+        raise errors.BadRequest(f"invalid {where}: {e}", code="SYS.1002",
+                                details=json.dumps([{"loc": list(e.loc), "msg": str(e)}])) from None
+    try:
         if from_json:
             return model.model_validate_json(json.dumps(data), strict=True)
         return model.model_validate(data)
     except ValidationError as e:
         raise describe_validation(e, where) from None
+
+
+def check_path_args(args: dict[str, str]) -> None:
+    """A decoded path segment (%0A...) is refused like a body string with control characters."""
+    for name, value in args.items():
+        if (bad := control_chars(value)) is not None:
+            raise errors.BadRequest(f"invalid URL: {{{name}}} must not contain control "
+                                    f"characters (found {bad})", code="SYS.1002")
 
 
 def query_string_params(route: Route, request: web.Request, extra: set[str] = set()) -> BaseModel | None:
@@ -103,7 +117,7 @@ async def read_json(request: web.Request) -> Any:
 
 def job_headers(request: web.Request) -> tuple[str | None, str | None]:
     job_uuid = request.headers.get("X-Job-UUID")
-    if job_uuid is not None and not JOB_UUID_RE.match(job_uuid):
+    if job_uuid is not None and not JOB_UUID_RE.fullmatch(job_uuid):
         raise errors.BadRequest(
             "X-Job-UUID must be a v4 (random) UUID written as 32 hex digits without dashes",
             code="JOB.1400")
@@ -164,7 +178,10 @@ class Dispatcher:
                 self.ensure_available(plugin, route)
             if raw:
                 return await func(plugin, request)
-            kwargs: dict[str, Any] = dict(request.match_info) if path_args else {}
+            kwargs: dict[str, Any] = {}
+            if path_args:
+                kwargs = dict(request.match_info)
+                check_path_args(kwargs)
             if has_params:
                 kwargs["params"] = query_string_params(route, request)
             result = await func(plugin, **kwargs)
@@ -194,6 +211,7 @@ class Dispatcher:
             plugin, route = by_action[action]
             self.ensure_available(plugin, route)
             path_args = dict(request.match_info)
+            check_path_args(path_args)
             where = f"parameters of {route.action}" if route.action else "params"
             if route.kind == "delete":
                 params = query_string_params(route, request)
@@ -243,8 +261,9 @@ class Dispatcher:
             raise errors.BadRequest(f"unknown action '{name}'; actions here: {', '.join(known)}",
                                     code="SYS.1006")
         data = body[name]
-        if data is not None and not isinstance(data, dict):
-            raise errors.BadRequest(f"the parameters of {name} must be a JSON object", code="SYS.1002")
+        if not isinstance(data, dict):      # null too: the schema says an object ({} for none)
+            raise errors.BadRequest(f"the parameters of {name} must be a JSON object "
+                                    "({} when there are none)", code="SYS.1002")
         return name, data
 
 

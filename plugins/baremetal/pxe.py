@@ -798,7 +798,9 @@ class PxeRoutes:
         path = self._pxe_boot_dir / family / name
         if not await asyncio.to_thread(path.is_file):
             log.warning("the installer's %s for %s is missing: put it at %s", name, family, path)
-            raise errors.NotFound(f"the agent has no {family} {name}: put it at {path}",
+            # Public route: the body names no server path (the log does, for the operator).
+            raise errors.NotFound(f"the agent has no {family} {name} (the operator puts it in "
+                                  "the [pxe] boot directory; the agent's log names the path)",
                                   code="BM.2012")
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 
