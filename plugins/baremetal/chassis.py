@@ -36,6 +36,7 @@ from agent import errors
 from agent.jobs import iso
 from agent.models import Empty, WireModel
 from agent.plugin import action, create, delete, get, query, raw
+from agent.validation import full_match
 
 from . import ipmi
 from .console import ConsoleGrants, SolBridge
@@ -97,7 +98,7 @@ class BaremetalSettings(BaseModel):
     @field_validator("advertise_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+$", v.rstrip("/")):
+        if v is not None and not full_match(r"https?://[^/\s]+", v.rstrip("/")):
             raise ValueError("must be http(s)://host[:port] without a path")
         return v.rstrip("/") if v else v
 
@@ -110,7 +111,7 @@ def _normalize_address(v: str) -> str:
         return str(ipaddress.ip_address(v.strip("[]")))
     except ValueError:
         pass
-    if not _HOSTNAME_RE.match(v) or v.replace(".", "").isdigit():
+    if not full_match(_HOSTNAME_RE, v) or v.replace(".", "").isdigit():
         raise ValueError("must be an IPv4 or IPv6 address or a host name")
     return v.lower().rstrip(".")
 
@@ -219,7 +220,7 @@ class ConsoleReply(WireModel):
 
 def _chassis_uuid(uuid: str) -> str:
     u = uuid.replace("-", "").lower()
-    if not _UUID_RE.match(u):
+    if not full_match(_UUID_RE, u):
         raise errors.NotFound(f"no such chassis: {uuid}", code="BM.1104")
     return u
 

@@ -44,6 +44,7 @@ from agent import errors
 from agent.jobs import iso
 from agent.models import Empty
 from agent.plugin import action, create, delete, get, query, raw
+from agent.validation import full_match
 
 from . import hostcfg as render
 from . import netinfo
@@ -116,7 +117,7 @@ class PxeSettings(BaseModel):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         # Rendered into kernel command lines, kickstarts and preseeds: no quotes, spaces, ? or &.
-        if v is not None and not _URL_RE.match(v):
+        if v is not None and not full_match(_URL_RE, v):
             raise ValueError("must be an http:// or https:// URL of letters, digits and . - _ ~ / % + @ = ,")
         return v
 
@@ -128,7 +129,7 @@ class PxeSettings(BaseModel):
     @field_validator("serial_console")
     @classmethod
     def _console(cls, v: str | None) -> str | None:
-        if v and not re.match(r"^tty[A-Za-z0-9]{1,8}(,[0-9a-z]{1,16})?$", v):
+        if v and not full_match(r"tty[A-Za-z0-9]{1,8}(,[0-9a-z]{1,16})?", v):
             raise ValueError("must be like ttyS0,115200n8")
         return v or None
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.models import WireModel
+from agent.validation import control_chars, full_match
 
 from .netinfo import parse_netmask
 
@@ -31,7 +32,7 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def normalize_mac(v: str) -> str:
-    if not isinstance(v, str) or not MAC_RE.match(v.strip()):
+    if not isinstance(v, str) or not full_match(MAC_RE, v.strip()):
         raise ValueError("must be a MAC address such as 52:54:00:12:34:56")
     hexdigits = re.sub(r"[:-]", "", v.strip().lower())
     mac = ":".join(hexdigits[i:i + 2] for i in range(0, 12, 2))
@@ -41,7 +42,7 @@ def normalize_mac(v: str) -> str:
 
 
 def normalize_uuid(v: str) -> str:
-    if not isinstance(v, str) or not UUID_RE.match(v):
+    if not isinstance(v, str) or not full_match(UUID_RE, v):
         raise ValueError("must be a uuid (32 hex digits)")
     return v.replace("-", "").lower()
 
@@ -100,14 +101,14 @@ class PxeServerFields(WireModel):
     @field_validator("dhcp_interface", check_fields=False)
     @classmethod
     def _iface(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", v):
+        if v is not None and not full_match(r"[A-Za-z0-9_.:@-]{1,15}", v):
             raise ValueError("must be a network interface name (1-15 characters)")
         return v
 
     @field_validator("name", check_fields=False)
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
+        if v is not None and not full_match(NAME_RE, v):
             raise ValueError("must be 1-255 characters without control characters")
         return v
 
@@ -262,7 +263,7 @@ class Bonding(L3Settings):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not BOND_NAME_RE.match(v):
+        if not full_match(BOND_NAME_RE, v):
             raise ValueError("must be an interface name such as bond0 (a letter, then up to "
                              "14 letters, digits or _)")
         return v
@@ -344,7 +345,7 @@ class CreateHostCfg(WireModel):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str | None) -> str | None:
-        if v is not None and (not HOSTNAME_RE.match(v) or v.replace(".", "").isdigit()):
+        if v is not None and (not full_match(HOSTNAME_RE, v) or v.replace(".", "").isdigit()):
             raise ValueError("must be a host name: letters, digits and hyphens, dot-separated labels")
         return None if v is None else v.lower()
 
@@ -352,7 +353,7 @@ class CreateHostCfg(WireModel):
     @classmethod
     def _password(cls, v: str | None) -> str | None:
         # No control characters: the password goes to `openssl passwd -stdin`, one line.
-        if v is not None and re.search(r"[\x00-\x1f\x7f]", v):
+        if v is not None and control_chars(v):
             raise ValueError("must not contain control characters or line breaks")
         return v
 

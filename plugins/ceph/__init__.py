@@ -40,6 +40,7 @@ from agent.events import utcnow_iso
 from agent.jobs import iso
 from agent.models import WireModel
 from agent.plugin import Plugin, action, create, delete, get, query, raw
+from agent.validation import full_match
 
 from . import backup, cluster, health, mons, pools, rbdvols
 from .cluster import (AccessDenied, Connection, Endpoint, FsidMismatch, Registry, Timeouts,
@@ -150,7 +151,7 @@ class CephPlugin(Plugin):
     # --- plumbing ----------------------------------------------------------------------
 
     def _storage(self, uuid: str, kind: str) -> dict[str, Any]:
-        s = self.store.storages.get(uuid) if UUID_RE.match(uuid or "") else None
+        s = self.store.storages.get(uuid) if full_match(UUID_RE, uuid or "") else None
         if s is None or s["kind"] != kind:
             raise not_found(f"no {KIND_NAME[kind]} {uuid[:64]} on this node")
         return s
@@ -1493,7 +1494,7 @@ def _unlink(*paths: Path) -> None:
 
 def models_name_ok(name: str) -> bool:
     from .models import NAME_RE
-    return bool(NAME_RE.match(name))
+    return full_match(NAME_RE, name)
 
 
 def _snake(camel: str) -> str:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from agent.models import WireModel
+from agent.validation import full_match
 
 from . import secrets
 from .cluster import parse_mon_url
@@ -29,14 +30,14 @@ MAX_PG = 65536   # Ceph's mon_max_pool_pg_num default
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
+    if not full_match(NAME_RE, value):
         raise ValueError(f"{kind} name '{value[:140]}' is not allowed: use {NAME_RULE}")
     return value
 
 
 def check_uuid(value: str) -> str:
     v = value.replace("-", "").lower()
-    if not UUID_RE.match(v):
+    if not full_match(UUID_RE, v):
         raise ValueError("must be a UUID: 32 hex digits (dashes allowed)")
     return v
 
@@ -68,7 +69,7 @@ class _Registration(WireModel):
     @classmethod
     def _user(cls, v: str) -> str:
         v = v.removeprefix("client.")
-        if not USER_RE.match(v):
+        if not full_match(USER_RE, v):
             raise ValueError("user must be a cephx user name such as 'admin' (letters, digits, "
                              "'_', '.', '-')")
         return v
@@ -494,7 +495,7 @@ class AddImage(WireModel):
     def _checksum(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        m = re.match(r"^(md5|sha1|sha256|sha512):([0-9a-fA-F]+)$", v)
+        m = re.fullmatch(r"(md5|sha1|sha256|sha512):([0-9a-fA-F]+)", v)
         lengths = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
         if not m or len(m.group(2)) != lengths[m.group(1)]:
             raise ValueError("checksum must be md5:<32 hex>, sha1:<40 hex>, sha256:<64 hex> "

@@ -9,9 +9,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from agent.models import WireModel
+from agent.validation import full_match
 
 UUID_RE = r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 TIB = 1 << 40
+_NAME = r"[A-Za-z0-9_+@=,-][A-Za-z0-9._+@=,-]*"
+SAFE_REL_PATH_RE = re.compile(rf"{_NAME}(?:/{_NAME})*")
 
 SHARED_FS_TYPES = ["nfs", "nfs4", "cifs", "smb3", "ceph", "fuse.ceph", "fuse.cephfs", "glusterfs",
                    "fuse.glusterfs", "ocfs2", "gfs2", "lustre", "gpfs", "beegfs", "fuse.moosefs",
@@ -162,6 +165,15 @@ class CreateVolume(WireModel):
     path: str | None = Field(None, max_length=1024, description="relative to the storage root; "
                                                                 "default volumes/<uuid>.<format>")
     type: Literal["Root", "Data"] = "Data"
+
+    @field_validator("path")
+    @classmethod
+    def _safe_names(cls, v: str | None) -> str | None:
+        # The install path goes back to the controller and into argv: plain names only.
+        if v is not None and not full_match(SAFE_REL_PATH_RE, v):
+            raise ValueError("must be a relative path of names made of letters, digits and "
+                             "'_', '-', '+', '@', '=', ',', '.' (not starting with '.')")
+        return v
 
     def volume_uuid(self) -> str | None:
         u = self.uuid or self.resource_uuid

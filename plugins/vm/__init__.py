@@ -27,6 +27,7 @@ from agent.libvirt_conn import IMPORT_ERROR as BINDING_ERROR
 from agent.libvirt_conn import libvirt
 from agent.models import Empty, WireModel
 from agent.plugin import Plugin, action, create, delete, get, query
+from agent.validation import full_match
 
 from . import lverrors
 from . import states as S
@@ -59,7 +60,7 @@ class VmSettings(WireModel):
 
 
 def _path_uuid(uuid: str) -> str:
-    if not UUID_RE.match(uuid):
+    if not full_match(UUID_RE, uuid):
         raise errors.BadRequest(f"'{uuid}' is not a VM uuid: use 32 hex digits", code="VM.1001")
     return normalize_uuid(uuid)
 
