@@ -209,14 +209,15 @@ class Dispatcher:
             body = None if first.kind == "delete" else await read_json(request)
             action, data = self.pick(first, sorted(a for a in by_action if a), body)
             plugin, route = by_action[action]
-            self.ensure_available(plugin, route)
             path_args = dict(request.match_info)
             check_path_args(path_args)
             where = f"parameters of {route.action}" if route.action else "params"
+            # Bad input is a 400 whether or not the plugin is up (then 503).
             if route.kind == "delete":
                 params = query_string_params(route, request)
             else:
                 params = validate(route.params, data, where)
+            self.ensure_available(plugin, route)
 
             async def check() -> None:
                 if route.check is not None:
