@@ -28,7 +28,8 @@ ERROR_SCHEMA = {
 }
 LOCATION_SCHEMA = {"type": "object", "properties": {"location": {"type": "string"}},
                    "required": ["location"]}
-QUERY_PARAMS = ["q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields"]
+QUERY_PARAMS = ["q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields",
+                "groupBy"]
 
 
 def _error(desc: str) -> dict[str, Any]:
