@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import uuid as uuidlib
 from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
@@ -24,7 +25,7 @@ from yarl import URL
 from . import errors, logs
 from .context import AgentContext
 from .jobs import JobMeta
-from .models import dump
+from .models import CreateParams, dump
 from .plugin import Plugin, Route
 from .query import FrozenItems, run_query, spec_for
 from .validation import ControlCharError, control_chars, refuse_control_chars
@@ -218,6 +219,8 @@ class Dispatcher:
             else:
                 params = validate(route.params, data, where)
             self.ensure_available(plugin, route)
+            if isinstance(params, CreateParams):
+                await self.decide_resource_uuid(plugin, route, params, path_args)
 
             async def check() -> None:
                 if route.check is not None:
@@ -235,6 +238,19 @@ class Dispatcher:
             location = f"{request.url.origin()}/v1/api-jobs/{uuid}"
             return json_response({"location": location}, status=202, headers={"Location": location})
         return handler
+
+    @staticmethod
+    async def decide_resource_uuid(plugin: Plugin, route: Route, params: CreateParams,
+                                   path_args: dict[str, str]) -> None:
+        """The manual's resourceUuid, one rule for every create: the given one (already
+        normalised by its type) unless in use (409), else a new random one."""
+        if params.resource_uuid is None:
+            params.resource_uuid = uuidlib.uuid4().hex
+        elif route.exists is not None and await route.exists(plugin, params.resource_uuid,
+                                                             **path_args):
+            raise errors.Conflict(f"resourceUuid {params.resource_uuid} is already in use: "
+                                  "give another one, or none for a new random uuid",
+                                  code="SYS.1009")
 
     @staticmethod
     def pick(first: Route, known: list[str], body: Any) -> tuple[str | None, Any]:

@@ -23,7 +23,7 @@ import typing
 from functools import lru_cache
 from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
@@ -34,6 +34,24 @@ class _MultilineMarker:
 
 
 Multiline = Annotated[str, _MultilineMarker()]
+
+UUID_TEXT = (r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+             r"-[0-9a-fA-F]{12}")
+
+
+def normalize_uuid(value: str) -> str:
+    """32 hex digits or the dashed form -> 32 lowercase hex digits (ValueError otherwise)."""
+    if not full_match(UUID_TEXT, value):
+        raise ValueError("must be a UUID: 32 hex digits, or 36 characters with dashes")
+    value = value.replace("-", "").lower()
+    if value == "0" * 32:
+        raise ValueError("must not be all zeros (the nil UUID names no resource)")
+    return value
+
+
+#: A resource's uuid as the manual writes it, normalised to 32 lowercase hex digits.
+ResourceUuid = Annotated[str, AfterValidator(normalize_uuid),
+                         Field(json_schema_extra={"pattern": rf"^(?:{UUID_TEXT})$"})]
 
 
 def full_match(pattern: str | re.Pattern[str], value: Any) -> bool:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent import errors
 from agent.jobs import iso
-from agent.models import Empty, WireModel
+from agent.models import CreateParams, Empty, WireModel
 from agent.plugin import action, create, delete, get, query, raw
 from agent.validation import full_match
 
@@ -138,14 +138,13 @@ class _Creds(WireModel):
         return None if v is None else _normalize_port(v)
 
 
-class CreateChassis(_Creds):
+class CreateChassis(CreateParams, _Creds):
     ipmi_address: str = Field(max_length=255, description="the BMC's IP address or host name")
     ipmi_port: int | str = Field(623, description="the BMC's UDP port (a number or a numeric string)")
     ipmi_username: str = Field(min_length=1, max_length=16)
     ipmi_password: str = Field(min_length=1, max_length=20, repr=False,
                                description="never returned or logged; stored encrypted")
     name: str | None = Field(None, max_length=255)
-    resource_uuid: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
 
 
 class UpdateChassis(_Creds):
@@ -434,7 +433,7 @@ class ChassisRoutes:
                                  params.ipmi_username.encode(), params.ipmi_password.encode())
         job.progress(10, f"logging in to the BMC at {creds.where}")
         await self._verify(creds)
-        uuid = (params.resource_uuid or uuidlib.uuid4().hex).lower()
+        uuid = params.resource_uuid
         token = secrets.token_urlsafe(32)
         now = time.time()
         try:
@@ -458,9 +457,10 @@ class ChassisRoutes:
     @create_chassis.check
     async def _create_check(self, params: CreateChassis) -> None:
         await self._check_unique(params.ipmi_address, params.ipmi_port)
-        if params.resource_uuid and await self.chassis_exists(params.resource_uuid):
-            raise errors.Conflict(f"a chassis with uuid {params.resource_uuid} already exists",
-                                  code="BM.1109")
+
+    @create_chassis.exists
+    async def _chassis_uuid_used(self, uuid: str) -> bool:
+        return await self.chassis_exists(uuid)
 
     @action(CHASSIS_ACTIONS, "updateBaremetalChassis", params=UpdateChassis, result=ChassisReply)
     async def update_chassis(self, job, params: UpdateChassis, uuid: str) -> dict[str, Any]:

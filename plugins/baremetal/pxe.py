@@ -417,7 +417,7 @@ class PxeRoutes:
             checked = await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                                             begin=params.dhcp_range_begin, end=params.dhcp_range_end,
                                             netmask=params.dhcp_range_netmask)
-            uuid = params.resource_uuid or uuidlib.uuid4().hex
+            uuid = params.resource_uuid
             now = _now()
             await self.agent.db.execute(
                 "INSERT INTO bm_pxe_servers(uuid, name, description, dhcp_interface, range_begin, "
@@ -434,11 +434,13 @@ class PxeRoutes:
                 raise
             return PxeServerReply(inventory=self._pxe_inventory(await self._pxe_row(uuid)))
 
+    @pxe_create_server.exists
+    async def _pxe_uuid_used(self, uuid: str) -> bool:
+        return await self.agent.db.fetchone("SELECT 1 FROM bm_pxe_servers WHERE uuid=?",
+                                            (uuid,)) is not None
+
     @pxe_create_server.check
     async def _pxe_create_check(self, params: CreatePxeServer) -> None:
-        if params.resource_uuid and await self.agent.db.fetchone(
-                "SELECT 1 FROM bm_pxe_servers WHERE uuid=?", (params.resource_uuid,)):
-            raise errors.Conflict(f"PXE server {params.resource_uuid} exists already", code="PXE.1009")
         await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                               begin=params.dhcp_range_begin, end=params.dhcp_range_end,
                               netmask=params.dhcp_range_netmask)
@@ -665,7 +667,7 @@ class PxeRoutes:
             n["uuid"] = uuidlib.uuid4().hex
         for b in spec["bondings"]:
             b["uuid"] = uuidlib.uuid4().hex
-        uuid = params.resource_uuid or uuidlib.uuid4().hex
+        uuid = params.resource_uuid
         token = secrets.token_urlsafe(32)
         async with self._pxe_lock:
             await self._hostcfg_conflicts(params)
@@ -678,6 +680,11 @@ class PxeRoutes:
         log.info("host config %s for chassis %s created (%s, %d nics, %d bonds)", uuid,
                  params.chassis_uuid, spec["osFamily"], len(spec["nicCfgs"]), len(spec["bondings"]))
         return await self.hostcfg_get(uuid)
+
+    @hostcfg_create.exists
+    async def _hostcfg_uuid_used(self, uuid: str) -> bool:
+        return await self.agent.db.fetchone("SELECT 1 FROM bm_hostcfg WHERE uuid=?",
+                                            (uuid,)) is not None
 
     @hostcfg_create.check
     async def _hostcfg_create_check(self, params: CreateHostCfg) -> None:

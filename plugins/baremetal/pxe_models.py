@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
 from agent.validation import control_chars, full_match
 
 from .netinfo import parse_netmask
@@ -113,19 +113,13 @@ class PxeServerFields(WireModel):
         return v
 
 
-class CreatePxeServer(PxeServerFields):
+class CreatePxeServer(CreateParams, PxeServerFields):
     name: str
     dhcp_interface: str
     dhcp_range_begin: str
     dhcp_range_end: str
     dhcp_range_netmask: str | None = Field(None, description="default: the interface's netmask")
     description: str | None = Field(None, max_length=2048)
-    resource_uuid: str | None = None
-
-    @field_validator("resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else normalize_uuid(v)
 
 
 class UpdatePxeServer(PxeServerFields):
@@ -291,7 +285,7 @@ class Bonding(L3Settings):
         return f"bonding {self.name}"
 
 
-class CreateHostCfg(WireModel):
+class CreateHostCfg(CreateParams):
     chassis_uuid: str
     hostname: str | None = Field(None, description="default: node-<first 8 digits of the chassis uuid>")
     password: str | None = Field(None, min_length=1, max_length=256,
@@ -302,7 +296,6 @@ class CreateHostCfg(WireModel):
     nic_cfgs: list[NicCfg] = Field(default_factory=list, max_length=64)
     bondings: list[Bonding] = Field(default_factory=list, max_length=16)
     clone_iso: bool | None = Field(None, description="accepted and ignored (manual 2.2)")
-    resource_uuid: str | None = None
     cfg_items: dict[str, Any] | None = Field(None, description="the manual's form: {nicCfgs, bondings}")
 
     @model_validator(mode="before")
@@ -336,11 +329,6 @@ class CreateHostCfg(WireModel):
     @classmethod
     def _chassis(cls, v: str) -> str:
         return normalize_uuid(v)
-
-    @field_validator("resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else normalize_uuid(v)
 
     @field_validator("hostname")
     @classmethod

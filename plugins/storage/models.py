@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
 from agent.validation import full_match
 
 UUID_RE = r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -61,18 +61,12 @@ class StorageSettings(WireModel):
 
 # --- primary storage ---------------------------------------------------------------
 
-class _AddBase(WireModel):
-    uuid: str | None = Field(None, pattern=UUID_RE, description="default: a new random uuid")
-    resource_uuid: str | None = Field(None, pattern=UUID_RE, description="the manual's name for uuid")
+class _AddBase(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     zone_uuid: str | None = Field(None, pattern=UUID_RE)
     type: str | None = Field(None, description="ignored: the URL says the type")
     url: str = Field(min_length=1, max_length=4096)
-
-    def storage_uuid(self) -> str | None:
-        u = self.uuid or self.resource_uuid
-        return norm_uuid(u) if u else None
 
 
 class AddLocalPrimaryStorage(_AddBase):
@@ -153,9 +147,7 @@ class CleanUpResult(WireModel):
 
 # --- volumes -------------------------------------------------------------------------
 
-class CreateVolume(WireModel):
-    uuid: str | None = Field(None, pattern=UUID_RE)
-    resource_uuid: str | None = Field(None, pattern=UUID_RE)
+class CreateVolume(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     format: Literal["qcow2", "raw"] = "qcow2"
@@ -174,10 +166,6 @@ class CreateVolume(WireModel):
             raise ValueError("must be a relative path of names made of letters, digits and "
                              "'_', '-', '+', '@', '=', ',', '.' (not starting with '.')")
         return v
-
-    def volume_uuid(self) -> str | None:
-        u = self.uuid or self.resource_uuid
-        return norm_uuid(u) if u else None
 
 
 class BackingFile(WireModel):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
 from agent.validation import full_match
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
@@ -176,9 +176,8 @@ class HostdevSpec(WireModel):
         return self
 
 
-class VmSpec(WireModel):
+class VmSpec(CreateParams):
     """POST /v1/vm-instances {"params": VmSpec}: a domain defined on this node."""
-    uuid: str | None = Field(None, description="32 hex digits (dashes accepted); generated when absent")
     name: str = Field(min_length=1, max_length=128)
     description: str | None = Field(None, max_length=4096)
     cpu_num: int = Field(ge=1, le=512)
@@ -190,17 +189,6 @@ class VmSpec(WireModel):
     hostdevs: list[HostdevSpec] = Field([], max_length=32)
     boot_order: list[Literal["hd", "cdrom", "network"]] = Field(["hd", "cdrom"], min_length=1,
                                                                  max_length=3)
-
-    @field_validator("uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not full_match(UUID_RE, v):
-            raise ValueError("must be 32 hex digits")
-        if int(v.replace("-", ""), 16) == 0:
-            raise ValueError("must not be all zeros")
-        return normalize_uuid(v)
 
     @field_validator("name")
     @classmethod
