@@ -219,10 +219,10 @@ class Dispatcher:
             else:
                 params = validate(route.params, data, where)
             self.ensure_available(plugin, route)
-            if isinstance(params, CreateParams):
-                await self.decide_resource_uuid(plugin, route, params, path_args)
 
-            async def check() -> None:
+            async def check() -> None:      # only for a new job (not an X-Job-UUID repeat)
+                if isinstance(params, CreateParams):
+                    await self.decide_resource_uuid(plugin, route, params, path_args)
                 if route.check is not None:
                     await route.check(plugin, params, **path_args)
 

@@ -113,6 +113,16 @@ async def test_resource_uuid_end_to_end(agent, http, tmp_path):
                                 {"params": {"uuid": vol.hex, "size": 1 << 20}})   # the older name
     assert status == 409 and body["error"]["code"] == "SYS.1009", body
 
+    # The same create again under its X-Job-UUID is the same job, not a 409.
+    vol2, job_id = uuidlib.uuid4().hex, uuidlib.uuid4().hex
+    body = {"params": {"resourceUuid": vol2, "size": 1 << 20}}
+    status, first = await run_job(http, agent, "POST", f"{PS}/{ps}/volumes", body,
+                                  headers={"X-Job-UUID": job_id})
+    assert status == 200 and first["inventory"]["uuid"] == vol2, first
+    status, again = await submit(http, agent, "POST", f"{PS}/{ps}/volumes", body,
+                                 headers={"X-Job-UUID": job_id})
+    assert status == 202 and again["location"].endswith(job_id), again
+
     # None given: a new random one, 32 lowercase hex digits.
     status, body = await run_job(http, agent, "POST", f"{PS}/{ps}/volumes",
                                  {"params": {"size": 1 << 20}})
