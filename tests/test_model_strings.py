@@ -346,3 +346,17 @@ async def test_public_boot_file_404_names_no_server_path(agent_factory, tmp_path
         assert r.status == 404, text
     assert "secret-boot-dir" not in text and str(tmp_path) not in text, text
     assert "secret-boot-dir" in a.log()           # the operator still learns where
+
+
+async def test_error_body_has_the_manuals_fields_here_and_in_openapi(live, http):
+    """Issue 13.2: code, description, details, elaboration, opaque, cause; empty ones null."""
+    async with http.get(live.url + "/v1/openapi.json", headers=live.headers) as r:
+        schema = (await r.json())["components"]["schemas"]["Error"]["properties"]["error"]
+    fields = ["code", "description", "details", "elaboration", "opaque", "cause"]
+    assert list(schema["properties"]) == fields and schema["required"] == fields
+    async with http.put(live.url + "/v1/host/actions", json={"reconnectHost": None},
+                        headers=live.headers) as r:
+        body = await r.json()
+        assert r.status == 400
+    assert list(body["error"]) == fields
+    assert body["error"]["elaboration"] is None and body["error"]["opaque"] is None
