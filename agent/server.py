@@ -175,9 +175,9 @@ class Dispatcher:
         path_args = "{" in route.path
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            if (needs_available and not plugin.available) or requires:
-                self.ensure_available(plugin, route)
             if raw:
+                if (needs_available and not plugin.available) or requires:
+                    self.ensure_available(plugin, route)
                 return await func(plugin, request)
             kwargs: dict[str, Any] = {}
             if path_args:
@@ -185,6 +185,8 @@ class Dispatcher:
                 check_path_args(kwargs)
             if has_params:
                 kwargs["params"] = query_string_params(route, request)
+            if (needs_available and not plugin.available) or requires:   # after: bad input is a 400
+                self.ensure_available(plugin, route)
             result = await func(plugin, **kwargs)
             if query_model is not None:
                 if isinstance(result, FrozenItems):     # rendered once per query string

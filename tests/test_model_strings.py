@@ -325,6 +325,28 @@ async def test_every_request_string_of_the_openapi_document_is_a_400_end_to_end(
         assert (await r.json())["total"] == before
 
 
+async def test_every_query_string_parameter_of_the_openapi_document_is_a_400(live, http):
+    """The routes' own query-string parameters (GET and DELETE), from the OpenAPI document."""
+    from agent.openapi import QUERY_PARAMS
+    async with http.get(live.url + "/v1/openapi.json", headers=live.headers) as r:
+        doc = await r.json()
+    failures, tried = [], 0
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for p in op.get("parameters", []):
+                if p["in"] != "query" or p["name"] in QUERY_PARAMS:
+                    continue
+                for bad in PAYLOADS:
+                    tried += 1
+                    url = live.url + _fill_path(path) + f"?{p['name']}={quote(bad)}"
+                    async with http.request(method.upper(), url, headers=live.headers) as r:
+                        reply = await r.json()
+                        if r.status != 400 or "control characters" not in reply["error"]["description"]:
+                            failures.append((method, path, p["name"], bad, r.status, reply))
+    assert tried >= 5 * len(PAYLOADS)
+    assert not failures, failures[:5]
+
+
 @pytest.mark.parametrize("path", ["/v1/pci-devices/0000:00:01.0%0A/actions",
                                   "/v1/primary-storage/ceph/" + "0" * 32 + "/pools/x%0Ay/actions"])
 async def test_a_newline_in_a_path_segment_is_a_400(live, http, path):
