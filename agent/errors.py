@@ -4,6 +4,10 @@ Every failure that reaches a caller is an ApiError: a stable, namespaced code
 (``SYS.1001``), a plain-words description of what was wrong and what to do,
 optional details, and the HTTP status it travels with.  Handlers raise these;
 the server and the job runner turn them into ``{"error": {...}}`` bodies.
+
+The body carries all the fields of the manual's ErrorCode (code, description,
+details, elaboration, opaque, cause), the empty ones as null, so a client
+written from the manual finds every key it reads.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ class ApiError(Exception):
 
     def __init__(self, description: str, *, code: str | None = None,
                  status: int | None = None, details: str | None = None,
-                 cause: dict[str, Any] | None = None) -> None:
+                 cause: dict[str, Any] | None = None, elaboration: str | None = None,
+                 opaque: dict[str, Any] | None = None) -> None:
         super().__init__(description)
         self.description = description
         if code is not None:
@@ -26,10 +31,13 @@ class ApiError(Exception):
             self.status = status
         self.details = details
         self.cause = cause
+        self.elaboration = elaboration
+        self.opaque = opaque
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "description": self.description,
-                          "details": self.details, "cause": self.cause}}
+                          "details": self.details, "elaboration": self.elaboration,
+                          "opaque": self.opaque, "cause": self.cause}}
 
 
 class BadRequest(ApiError):

@@ -11,18 +11,26 @@ from pydantic.json_schema import models_json_schema
 from .plugin import Route
 
 REF = "#/components/schemas/{model}"
+# The manual's ErrorCode: every key always present, the empty ones null.
+ERROR_FIELDS = {
+    "code": {"type": "string", "description": "stable and namespaced, e.g. SYS.1001"},
+    "description": {"type": "string", "description": "what was wrong and what to do"},
+    "details": {"type": ["string", "null"]},
+    "elaboration": {"type": ["string", "null"], "description": "reserved by the manual; null"},
+    "opaque": {"type": ["object", "null"], "description": "reserved by the manual; null"},
+    "cause": {"type": ["object", "null"], "description": "the error that caused this one"},
+}
 ERROR_SCHEMA = {
     "type": "object",
-    "properties": {"error": {"type": "object", "properties": {
-        "code": {"type": "string"}, "description": {"type": "string"},
-        "details": {"type": ["string", "null"]}, "cause": {"type": ["object", "null"]}},
-        "required": ["code", "description"]}},
+    "properties": {"error": {"type": "object", "properties": ERROR_FIELDS,
+                             "required": list(ERROR_FIELDS)}},
     "required": ["error"],
 }
 LOCATION_SCHEMA = {"type": "object", "properties": {"location": {"type": "string"}},
                    "required": ["location"]}
 BODY_METHODS = ("POST", "PUT", "PATCH")
-QUERY_PARAMS = ["q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields"]
+QUERY_PARAMS = ["q", "condition", "limit", "start", "count", "replyWithCount", "sort", "fields",
+                "groupBy"]
 
 
 def _error(desc: str) -> dict[str, Any]:

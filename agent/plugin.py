@@ -20,6 +20,19 @@ Reads (GET) answer at once.  Everything else becomes a durable job: the
 method gets a ``JobContext`` and the validated parameters, and whatever it
 returns is the job's result.  ``@method.check`` adds a check that runs in the
 request, before the job exists, for refusals that must be a 4xx.
+
+A create whose params model is a ``CreateParams`` gets the manual's
+``resourceUuid`` rule from the core: ``@method.exists`` tells the core whether
+a uuid is in use (then 409), and the method gets ``params.resource_uuid``
+already decided (given and normalised, or new)::
+
+        @create("/v1/poll/things", params=CreateThing, result=ThingReply)
+        async def create_thing(self, job, params):
+            self.things[params.resource_uuid] = ...
+
+        @create_thing.exists
+        async def _thing_exists(self, uuid):
+            return uuid in self.things
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ class Route:
     requires: str | None = None       # a capability the route needs (e.g. "libvirt")
     auth: bool = True
     check: Callable[..., Any] | None = None
+    exists: Callable[..., Any] | None = None   # create: is this resourceUuid in use?
     plugin: str = ""
 
     @property
@@ -75,7 +89,12 @@ def _declare(route: Route) -> Callable[[Callable[..., Any]], Callable[..., Any]]
         def check(fn: Callable[..., Any]) -> Callable[..., Any]:
             route.check = fn
             return fn
+
+        def exists(fn: Callable[..., Any]) -> Callable[..., Any]:
+            route.exists = fn
+            return fn
         func.check = check      # type: ignore[attr-defined]
+        func.exists = exists    # type: ignore[attr-defined]
         return func
     return deco
 

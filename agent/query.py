@@ -2,7 +2,8 @@
 
 Each list handler builds its inventories as plain dicts and hands them, with
 the request's query string and a QuerySpec of its inventory model, to
-``run_query``, which filters (``q=``), counts, sorts, pages and selects fields.
+``run_query``, which filters (``q=``), groups (``groupBy=``), counts, sorts,
+pages and selects fields.
 Lists are small (one node's resources), so everything runs in memory; each
 condition is parsed and checked once per call, then applied per item.
 """
@@ -27,7 +28,7 @@ __all__ = ["FrozenItems", "QuerySpec", "run_query", "spec_for"]
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000
 _PARAMS = frozenset({"q", "condition", "limit", "start", "count", "replyWithCount",
-                     "sort", "sortBy", "sortDirection", "fields"})
+                     "sort", "sortBy", "sortDirection", "fields", "groupBy"})
 _SINGLE = _PARAMS - {"q", "condition", "fields"}
 
 # The field is the leading [A-Za-z0-9_.]+; the alternation lists longer
@@ -238,10 +239,12 @@ def _sort_key(get: Callable, spec: QuerySpec) -> tuple[str, bool] | None:
         raise _bad("sortDirection needs sortBy")
     if sort:
         raw = sort[0]
-        # An unescaped '+' in a URL arrives decoded as a space: take it as '+'.
-        if raw[:1] not in ("+", "-", " "):
-            raise _bad(f"sort field must start with + or -: '{raw}'")
-        field, desc = raw[1:], raw[0] == "-"
+        # An unescaped '+' in a URL arrives decoded as a space: take it as '+'; a bare
+        # field is ascending, as ZStack's own server takes it (and clients send it).
+        if raw[:1] in ("+", "-", " "):
+            field, desc = raw[1:], raw[0] == "-"
+        else:
+            field, desc = raw, False
     elif sort_by:
         field, dir_ = sort_by[0], (direction[0] if direction else "asc")
         if dir_.lower() not in ("asc", "desc"):
@@ -256,6 +259,27 @@ def _sort_key(get: Callable, spec: QuerySpec) -> tuple[str, bool] | None:
 
 def _not_none(v: Any) -> bool:
     return v is not None
+
+
+def _group_field(get: Callable, spec: QuerySpec) -> tuple[str, ...] | None:
+    vals = get("groupBy")
+    if not vals:
+        return None
+    field = vals[0].strip()
+    if not spec.knows(field):
+        raise _bad(f"unknown groupBy field '{field}'")
+    return tuple(field.split("."))
+
+
+def _groups(items: list[dict], parts: tuple[str, ...]) -> list[tuple[Any, list[dict]]]:
+    """Items by the value of a field, in order of first appearance (a list path groups
+    by its first non-null element, as sort does; null is a group of its own)."""
+    groups: dict[Any, list[dict]] = {}
+    for it in items:
+        v = next(filter(_not_none, _values(it, parts)), None)
+        key = v if isinstance(v, (str, int, float, bool)) or v is None else to_json(v)
+        groups.setdefault(key, []).append(it)
+    return list(groups.items())
 
 
 def _sorted(items: list[dict], field: str, desc: bool) -> list[dict]:
@@ -333,11 +357,22 @@ def run_query(items: list[dict], params: Any, spec: QuerySpec,
     start = _int(get, "start", 0, None)
     count, with_count = _bool(get, "count"), _bool(get, "replyWithCount")
     sort, selection = _sort_key(get, spec), _selection(get, spec)
+    group_by = _group_field(get, spec)
 
     matched = items
     for cond in conditions:  # each pass narrows the list for the next
         matched = [it for it in matched if cond(it)]
-    if count:
+    if group_by is not None:
+        # SQL's GROUP BY: one row per value of the field (its first item, in sort
+        # order); count=true gives the number of groups and each group's size.
+        if sort:
+            matched = _sorted(matched, *sort)
+        groups = _groups(matched, group_by)
+        if count:
+            return {"total": len(groups),
+                    "groups": [{"value": v, "total": len(g)} for v, g in groups]}
+        matched, sort = [g[0] for _, g in groups], None
+    elif count:
         return {"total": len(matched)}
     if sort:
         matched = _sorted(matched, *sort)

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+import uuid as uuidlib
 from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
@@ -25,13 +26,14 @@ from yarl import URL
 from . import errors, logs
 from .context import AgentContext
 from .jobs import JobMeta
-from .models import dump
+from .models import CreateParams, dump
 from .plugin import Plugin, Route
 from .query import FrozenItems, run_query, spec_for
+from .validation import ControlCharError, control_chars, refuse_control_chars
 
 log = logging.getLogger("node_agent.server")
 
-JOB_UUID_RE = re.compile(r"^[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$", re.I)
+JOB_UUID_RE = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", re.I)
 IGNORED_BODY_KEYS = ("systemTags", "userTags")
 ROUTE_KEY = web.AppKey("routes", dict)
 CTX_KEY = web.AppKey("ctx", AgentContext)
@@ -71,11 +73,24 @@ def validate(model: type[BaseModel] | None, data: Any, where: str, *, from_json:
         return None
     data = data if data is not None else {}
     try:
+        refuse_control_chars(model, data)
+    except ControlCharError as e:
+        raise errors.BadRequest(f"invalid {where}: {e}", code="SYS.1002",
+                                details=json.dumps([{"loc": list(e.loc), "msg": str(e)}])) from None
+    try:
         if from_json:
             return model.model_validate_json(json.dumps(data), strict=True)
         return model.model_validate(data)
     except ValidationError as e:
         raise describe_validation(e, where) from None
+
+
+def check_path_args(args: dict[str, str]) -> None:
+    """A decoded path segment (%0A...) is refused like a body string with control characters."""
+    for name, value in args.items():
+        if (bad := control_chars(value)) is not None:
+            raise errors.BadRequest(f"invalid URL: {{{name}}} must not contain control "
+                                    f"characters (found {bad})", code="SYS.1002")
 
 
 def query_string_params(route: Route, request: web.Request, extra: set[str] = set()) -> BaseModel | None:
@@ -110,7 +125,7 @@ async def read_json(request: web.Request) -> Any:
 
 def job_headers(request: web.Request) -> tuple[str | None, str | None]:
     job_uuid = request.headers.get("X-Job-UUID")
-    if job_uuid is not None and not JOB_UUID_RE.match(job_uuid):
+    if job_uuid is not None and not JOB_UUID_RE.fullmatch(job_uuid):
         raise errors.BadRequest(
             "X-Job-UUID must be a v4 (random) UUID written as 32 hex digits without dashes",
             code="JOB.1400")
@@ -167,13 +182,18 @@ class Dispatcher:
         path_args = "{" in route.path
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            if (needs_available and not plugin.available) or requires:
-                self.ensure_available(plugin, route)
             if raw:
+                if (needs_available and not plugin.available) or requires:
+                    self.ensure_available(plugin, route)
                 return await func(plugin, request)
-            kwargs: dict[str, Any] = dict(request.match_info) if path_args else {}
+            kwargs: dict[str, Any] = {}
+            if path_args:
+                kwargs = dict(request.match_info)
+                check_path_args(kwargs)
             if has_params:
                 kwargs["params"] = query_string_params(route, request)
+            if (needs_available and not plugin.available) or requires:   # after: bad input is a 400
+                self.ensure_available(plugin, route)
             result = await func(plugin, **kwargs)
             if query_model is not None:
                 if isinstance(result, FrozenItems):     # rendered once per query string
@@ -199,15 +219,19 @@ class Dispatcher:
             body = None if first.kind == "delete" else await read_json(request)
             action, data = self.pick(first, sorted(a for a in by_action if a), body)
             plugin, route = by_action[action]
-            self.ensure_available(plugin, route)
             path_args = dict(request.match_info)
+            check_path_args(path_args)
             where = f"parameters of {route.action}" if route.action else "params"
+            # Bad input is a 400 whether or not the plugin is up (then 503).
             if route.kind == "delete":
                 params = query_string_params(route, request)
             else:
                 params = validate(route.params, data, where)
+            self.ensure_available(plugin, route)
 
-            async def check() -> None:
+            async def check() -> None:      # only for a new job (not an X-Job-UUID repeat)
+                if isinstance(params, CreateParams):
+                    await self.decide_resource_uuid(plugin, route, params, path_args)
                 if route.check is not None:
                     await route.check(plugin, params, **path_args)
 
@@ -225,6 +249,19 @@ class Dispatcher:
             location = f"{request.url.origin()}/v1/api-jobs/{uuid}"
             return json_response({"location": location}, status=202, headers={"Location": location})
         return handler
+
+    @staticmethod
+    async def decide_resource_uuid(plugin: Plugin, route: Route, params: CreateParams,
+                                   path_args: dict[str, str]) -> None:
+        """The manual's resourceUuid, one rule for every create: the given one (already
+        normalised by its type) unless in use (409), else a new random one."""
+        if params.resource_uuid is None:
+            params.resource_uuid = uuidlib.uuid4().hex
+        elif route.exists is not None and await route.exists(plugin, params.resource_uuid,
+                                                             **path_args):
+            raise errors.Conflict(f"resourceUuid {params.resource_uuid} is already in use: "
+                                  "give another one, or none for a new random uuid",
+                                  code="SYS.1009")
 
     @staticmethod
     def pick(first: Route, known: list[str], body: Any) -> tuple[str | None, Any]:
@@ -252,8 +289,9 @@ class Dispatcher:
             raise errors.BadRequest(f"unknown action '{name}'; actions here: {', '.join(known)}",
                                     code="SYS.1006")
         data = body[name]
-        if data is not None and not isinstance(data, dict):
-            raise errors.BadRequest(f"the parameters of {name} must be a JSON object", code="SYS.1002")
+        if not isinstance(data, dict):      # null too: the schema says an object ({} for none)
+            raise errors.BadRequest(f"the parameters of {name} must be a JSON object "
+                                    "({} when there are none)", code="SYS.1002")
         return name, data
 
 

@@ -61,7 +61,8 @@ async def refused(http, agent: AgentProcess, method: str, path: str, *, status: 
         reply = await r.json()
         resp_headers = r.headers
     err = reply["error"]
-    assert set(reply) == {"error"} and set(err) == {"code", "description", "details", "cause"}, reply
+    assert set(reply) == {"error"} and set(err) == {"code", "description", "details",
+                                                   "elaboration", "opaque", "cause"}, reply
     if code:
         assert err["code"] == code, err
     assert isinstance(err["description"], str) and err["description"]
@@ -111,6 +112,13 @@ async def test_deeply_nested_json(shared, http):
 async def test_action_params_not_an_object(shared, http):
     await refused(http, shared, "PUT", "/v1/host/actions", status=400, body={"kvmRunShell": "echo"},
                   words=("kvmRunShell", "JSON object"))
+
+
+@pytest.mark.parametrize("action", ["reconnectHost", "kvmRunShell", "connectHost"])
+async def test_action_params_null_is_not_an_object(shared, http, action):
+    # Issue 10.5: the schema says an object; null is refused like any other non-object.
+    await refused(http, shared, "PUT", "/v1/host/actions", status=400, body={action: None},
+                  words=(action, "JSON object"))
 
 
 # -- verbs and URLs ---------------------------------------------------------------------

@@ -352,7 +352,9 @@ async def test_mark_provisioned_with_a_real_agent_context(tmp_path, bmcs):
         def progress(self, *a, **k):
             pass
     try:
-        created = await plugin.create_chassis(Job(), CreateChassis.model_validate(bmc.params()))
+        # Called without the core, so the test decides the resourceUuid as the core would.
+        params = CreateChassis.model_validate({**bmc.params(), "resourceUuid": uuidlib.uuid4().hex})
+        created = await plugin.create_chassis(Job(), params)
         u = created["inventory"]["uuid"]
         assert await plugin.chassis_exists(u) and await plugin.chassis_exists(u.upper())
         assert not await plugin.chassis_exists(uuidlib.uuid4().hex)

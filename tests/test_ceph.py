@@ -172,7 +172,11 @@ async def test_bindings_missing_reports_unavailable_agent_still_starts(agent_fac
         ceph = next(p for p in (await r.json())["plugins"] if p["name"] == "ceph")
     assert ceph["available"] is False
     assert "python3-rados" in ceph["reason"] and "no librados here" in ceph["reason"]
+    # Bad input is a 400 first (issue 10.4: whether or not the plugin is up); a valid request, 503.
     status, body = await submit(http, a, "POST", PS, {"params": {"monUrls": ["127.0.0.1"], "key": "x"}})
+    assert status == 400, body
+    key = "AQAA8VNlAAAAABAAAAECAwQFBgcICQoLDA0ODw=="      # well-formed, for no cluster
+    status, body = await submit(http, a, "POST", PS, {"params": {"monUrls": ["127.0.0.1"], "key": key}})
     assert status == 503 and body["error"]["code"] == "SYS.1504"
     status, _ = await get(http, a, "/v1/host/ping")
     assert status == 200
@@ -302,7 +306,11 @@ async def test_a_key_that_is_no_cephx_secret_is_400_and_never_logged(cagent, cep
 async def test_register_the_same_uuid_twice_is_409(cagent, primary, ceph_cluster, http):
     status, body = await submit(http, cagent, "POST", PS, {"params": {
         "uuid": primary["uuid"], "monUrls": [f"127.0.0.1:{ceph_cluster.port}"], "key": ceph_cluster.key}})
-    assert status == 409 and body["error"]["code"] == "CEPH.1009"
+    assert status == 409 and body["error"]["code"] == "SYS.1009"      # the core's resourceUuid rule
+    status, body = await submit(http, cagent, "POST", PS, {"params": {
+        "resourceUuid": primary["uuid"].upper(), "monUrls": [f"127.0.0.1:{ceph_cluster.port}"],
+        "key": ceph_cluster.key}})
+    assert status == 409 and body["error"]["code"] == "SYS.1009"
 
 
 # --- pools ------------------------------------------------------------------------------------

@@ -192,6 +192,39 @@ def test_sort_both_directions_nulls_last():
     assert uuids("ha=false", sort="-memory", limit="1") == ["u3"]   # sort before paging
 
 
+def test_bare_sort_field_is_ascending():
+    # Issue 13.1: ZStack's server takes sort=name as +name, and clients send it.
+    assert uuids(sort="name") == uuids(sort="+name") == ["u3", "u4", "u1", "u2"]
+    assert uuids(sort="cpuNum") == ["u4", "u1", "u2", "u3"]
+    assert bad(sort="nmae") == "unknown sort field 'nmae'"
+
+
+def test_group_by_one_row_per_value():
+    # Issue 13.1, the manual's 3.9: groupBy is SQL's GROUP BY, e.g. groupBy=type.
+    assert uuids(groupBy="ha") == ["u1", "u2"]                  # first item of each group
+    assert uuids(groupBy="ha", sort="-cpuNum") == ["u3", "u1"]  # first in sort order
+    assert uuids(groupBy="hostUuid") == ["u1", "u2", "u4"]      # null is a group
+    assert uuids("cpuNum>1", groupBy="ha") == ["u1", "u2"]
+    assert q(groupBy="ha", replyWithCount="true", limit="1") == {"inventories": [ITEMS[0]],
+                                                                  "total": 2}
+    assert uuids(groupBy="vmNics.mac") == ["u1", "u2", "u3", "u4"]
+    assert q(groupBy="ha", fields="ha") == {"inventories": [{"ha": True}, {"ha": False}]}
+
+
+def test_group_by_with_count_gives_each_group_size():
+    assert q(groupBy="ha", count="true") == {
+        "total": 2, "groups": [{"value": True, "total": 2}, {"value": False, "total": 2}]}
+    assert q("cpuNum>1", groupBy="metaData.driver", count="true", sort="+metaData.driver") == {
+        "total": 3, "groups": [{"value": "nvidia", "total": 1}, {"value": "vfio-pci", "total": 1},
+                               {"value": None, "total": 1}]}
+    assert q("cpuNum>100", groupBy="ha", count="true") == {"total": 0, "groups": []}
+
+
+def test_group_by_errors():
+    assert bad(groupBy="nmae") == "unknown groupBy field 'nmae'"
+    assert "'groupBy'" in bad(groupBy=["ha", "name"])
+
+
 def test_sort_by_and_direction():
     assert uuids(sortBy="name") == ["u3", "u4", "u1", "u2"]
     assert uuids(sortBy="name", sortDirection="desc") == ["u2", "u1", "u4", "u3"]
@@ -262,7 +295,6 @@ def test_ordering_on_non_comparable_value_is_400():
 
 
 def test_parameter_errors():
-    assert bad(sort="name") == "sort field must start with + or -: 'name'"
     assert bad(limit="x") == "limit must be a non-negative integer: 'x'"
     assert bad(limit="-1") == "limit must be a non-negative integer: '-1'"
     assert "100000" in bad(limit="100001")
@@ -281,7 +313,6 @@ def test_parameter_errors():
 
 def test_unknown_query_parameters():
     assert bad(nmae="vm1") == "unknown query parameter 'nmae'"
-    assert "'groupBy'" in bad(groupBy="type")
     with pytest.raises(BadRequest, match="'wait'"):
         run_query(ITEMS, {"wait": ["1"]}, SPEC)
 
@@ -377,3 +408,34 @@ def test_ten_thousand_items_three_conditions_and_sort_is_fast():
                                 and it["state"] != "Stopped" and it["cpuNum"] % 2)
     assert body["inventories"][0]["cpuNum"] == 15
     assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
+
+
+# --- against a real agent ------------------------------------------------------
+
+async def test_group_by_and_bare_sort_against_a_real_agent(agent, http):
+    """Issue 13.1 end to end: groupBy=state with count, and sort=<field> without a sign."""
+    from conftest import run_job, submit
+    for _ in range(2):
+        status, _ = await run_job(http, agent, "PUT", "/v1/host/actions",
+                                  {"kvmRunShell": {"script": "true"}})
+        assert status == 200
+    status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
+                                 {"kvmRunShell": {"script": "sleep 20", "timeout": 30}})
+    assert status == 202
+
+    async def get(**params):
+        async with http.get(agent.url + "/v1/api-jobs", params=params, headers=agent.headers) as r:
+            return r.status, await r.json()
+    status, body = await get(groupBy="state", count="true", sort="state")
+    assert status == 200, body
+    assert body == {"total": 2, "groups": [{"value": "Running", "total": 1},
+                                           {"value": "Succeeded", "total": 2}]}
+    status, body = await get(groupBy="state", replyWithCount="true", fields="state")
+    assert status == 200 and body["total"] == 2
+    assert sorted(i["state"] for i in body["inventories"]) == ["Running", "Succeeded"]
+    status, body = await get(sort="createDate")
+    assert status == 200
+    dates = [i["createDate"] for i in body["inventories"]]
+    assert dates == sorted(dates) and len(dates) == 3
+    status, body = await get(groupBy="nope")
+    assert status == 400 and "groupBy" in body["error"]["description"]

@@ -189,9 +189,11 @@ async def test_define_list_get_query_hostdevs_and_delete(agent_factory, http, li
                             "reason": "defined"}
 
     # Same uuid or name again: 409 at submission, nothing defined.
-    for clash in (spec(vm_name, disk), spec(name(), disk, uuid=wanted)):
+    # (A used uuid is the core's resourceUuid rule: SYS.1009, whatever the resource.)
+    for clash, code in ((spec(vm_name, disk), "VM.1010"), (spec(name(), disk, uuid=wanted), "SYS.1009"),
+                        (spec(name(), disk, resourceUuid=wanted), "SYS.1009")):
         status, body = await submit(http, agent, "POST", "/v1/vm-instances", {"params": clash})
-        assert status == 409 and body["error"]["code"] == "VM.1010", body
+        assert status == 409 and body["error"]["code"] == code, body
 
     status, body = await run_job(http, agent, "DELETE", f"/v1/vm-instances/{wanted}")
     assert status == 200 and body == {}

@@ -34,8 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent import errors
 from agent.jobs import iso
-from agent.models import Empty, WireModel
+from agent.models import CreateParams, Empty, WireModel
 from agent.plugin import action, create, delete, get, query, raw
+from agent.validation import full_match
 
 from . import ipmi
 from .console import ConsoleGrants, SolBridge
@@ -100,7 +101,7 @@ class BaremetalSettings(BaseModel):
     @field_validator("advertise_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+$", v.rstrip("/")):
+        if v is not None and not full_match(r"https?://[^/\s]+", v.rstrip("/")):
             raise ValueError("must be http(s)://host[:port] without a path")
         return v.rstrip("/") if v else v
 
@@ -113,7 +114,7 @@ def _normalize_address(v: str) -> str:
         return str(ipaddress.ip_address(v.strip("[]")))
     except ValueError:
         pass
-    if not _HOSTNAME_RE.match(v) or v.replace(".", "").isdigit():
+    if not full_match(_HOSTNAME_RE, v) or v.replace(".", "").isdigit():
         raise ValueError("must be an IPv4 or IPv6 address or a host name")
     return v.lower().rstrip(".")
 
@@ -140,14 +141,13 @@ class _Creds(WireModel):
         return None if v is None else _normalize_port(v)
 
 
-class CreateChassis(_Creds):
+class CreateChassis(CreateParams, _Creds):
     ipmi_address: str = Field(max_length=255, description="the BMC's IP address or host name")
     ipmi_port: int | str = Field(623, description="the BMC's UDP port (a number or a numeric string)")
     ipmi_username: str = Field(min_length=1, max_length=16)
     ipmi_password: str = Field(min_length=1, max_length=20, repr=False,
                                description="never returned or logged; stored encrypted")
     name: str | None = Field(None, max_length=255)
-    resource_uuid: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
 
 
 class UpdateChassis(_Creds):
@@ -222,7 +222,7 @@ class ConsoleReply(WireModel):
 
 def _chassis_uuid(uuid: str) -> str:
     u = uuid.replace("-", "").lower()
-    if not _UUID_RE.match(u):
+    if not full_match(_UUID_RE, u):
         raise errors.NotFound(f"no such chassis: {uuid}", code="BM.1104")
     return u
 
@@ -438,7 +438,7 @@ class ChassisRoutes:
                                  params.ipmi_username.encode(), params.ipmi_password.encode())
         job.progress(10, f"logging in to the BMC at {creds.where}")
         await self._verify(creds)
-        uuid = (params.resource_uuid or uuidlib.uuid4().hex).lower()
+        uuid = params.resource_uuid
         token = secrets.token_urlsafe(32)
         now = time.time()
         try:
@@ -462,9 +462,10 @@ class ChassisRoutes:
     @create_chassis.check
     async def _create_check(self, params: CreateChassis) -> None:
         await self._check_unique(params.ipmi_address, params.ipmi_port)
-        if params.resource_uuid and await self.chassis_exists(params.resource_uuid):
-            raise errors.Conflict(f"a chassis with uuid {params.resource_uuid} already exists",
-                                  code="BM.1109")
+
+    @create_chassis.exists
+    async def _chassis_uuid_used(self, uuid: str) -> bool:
+        return await self.chassis_exists(uuid)
 
     @action(CHASSIS_ACTIONS, "updateBaremetalChassis", params=UpdateChassis, result=ChassisReply)
     async def update_chassis(self, job, params: UpdateChassis, uuid: str) -> dict[str, Any]:

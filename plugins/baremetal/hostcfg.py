@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent import errors
+from agent.validation import full_match
 
 from .pxe_models import BOND_MODES
 
@@ -46,7 +47,7 @@ async def hash_password(runner, password: str, openssl: str = "openssl") -> str:
         raise errors.Unavailable(f"'{openssl}' is not installed; it hashes the root password",
                                  code="BM.2008") from None
     out = res.stdout.decode(errors="replace").strip()
-    if res.returncode != 0 or not SHA512_CRYPT_RE.match(out):
+    if res.returncode != 0 or not full_match(SHA512_CRYPT_RE, out):
         # stderr of openssl never echoes the password it read from stdin
         raise errors.OperationFailed("openssl could not hash the root password: "
                                      + res.stderr.decode(errors="replace").strip()[:300],

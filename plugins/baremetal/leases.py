@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from agent.validation import full_match
+
 log = logging.getLogger("node_agent.baremetal.pxe")
 
 POLL_SECONDS = 0.2
@@ -61,10 +63,10 @@ def _clean(ev: dict[str, Any]) -> dict[str, Any] | None:
     """What dnsmasq passed through the client is not trusted: keep only well-formed values."""
     mac = str(ev.get("mac", "")).lower()
     ip = str(ev.get("ip", ""))
-    if ev.get("action") not in ("add", "old", "del") or not _MAC.match(mac) or not _IP.match(ip):
+    if ev.get("action") not in ("add", "old", "del") or not full_match(_MAC, mac) or not full_match(_IP, ip):
         return None
     host = ev.get("hostname")
-    host = host if isinstance(host, str) and _NAME.match(host) else None
+    host = host if isinstance(host, str) and full_match(_NAME, host) else None
     tags = set(str(ev.get("tags") or "").split())
     expires = None
     try:
@@ -151,6 +153,6 @@ def read_lease_file(path: Path) -> dict[str, str]:
         return out
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and _MAC.match(parts[1].lower()):
+        if len(parts) >= 3 and full_match(_MAC, parts[1].lower()):
             out[parts[1].lower()] = parts[2]
     return out

@@ -44,6 +44,7 @@ from agent import errors
 from agent.jobs import iso
 from agent.models import Empty
 from agent.plugin import action, create, delete, get, query, raw
+from agent.validation import full_match
 
 from . import hostcfg as render
 from . import netinfo
@@ -131,7 +132,7 @@ class PxeSettings(BaseModel):
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         # Rendered into kernel command lines, kickstarts and preseeds: no quotes, spaces, ? or &.
-        if v is not None and not _URL_RE.match(v):
+        if v is not None and not full_match(_URL_RE, v):
             raise ValueError("must be an http:// or https:// URL of letters, digits and . - _ ~ / % + @ = ,")
         return v
 
@@ -143,7 +144,7 @@ class PxeSettings(BaseModel):
     @field_validator("serial_console")
     @classmethod
     def _console(cls, v: str | None) -> str | None:
-        if v and not re.match(r"^tty[A-Za-z0-9]{1,8}(,[0-9a-z]{1,16})?$", v):
+        if v and not full_match(r"tty[A-Za-z0-9]{1,8}(,[0-9a-z]{1,16})?", v):
             raise ValueError("must be like ttyS0,115200n8")
         return v or None
 
@@ -443,7 +444,7 @@ class PxeRoutes:
             checked = await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                                             begin=params.dhcp_range_begin, end=params.dhcp_range_end,
                                             netmask=params.dhcp_range_netmask, router=params.router)
-            uuid = params.resource_uuid or uuidlib.uuid4().hex
+            uuid = params.resource_uuid
             now = _now()
             await self.agent.db.execute(
                 "INSERT INTO bm_pxe_servers(uuid, name, description, dhcp_interface, range_begin, "
@@ -462,11 +463,13 @@ class PxeRoutes:
                 raise
             return PxeServerReply(inventory=self._pxe_inventory(await self._pxe_row(uuid)))
 
+    @pxe_create_server.exists
+    async def _pxe_uuid_used(self, uuid: str) -> bool:
+        return await self.agent.db.fetchone("SELECT 1 FROM bm_pxe_servers WHERE uuid=?",
+                                            (uuid,)) is not None
+
     @pxe_create_server.check
     async def _pxe_create_check(self, params: CreatePxeServer) -> None:
-        if params.resource_uuid and await self.agent.db.fetchone(
-                "SELECT 1 FROM bm_pxe_servers WHERE uuid=?", (params.resource_uuid,)):
-            raise errors.Conflict(f"PXE server {params.resource_uuid} exists already", code="PXE.1009")
         await self._pxe_check(name=params.name, interface=params.dhcp_interface,
                               begin=params.dhcp_range_begin, end=params.dhcp_range_end,
                               netmask=params.dhcp_range_netmask, router=params.router)
@@ -699,7 +702,7 @@ class PxeRoutes:
             n["uuid"] = uuidlib.uuid4().hex
         for b in spec["bondings"]:
             b["uuid"] = uuidlib.uuid4().hex
-        uuid = params.resource_uuid or uuidlib.uuid4().hex
+        uuid = params.resource_uuid
         token = secrets.token_urlsafe(32)
         async with self._pxe_lock:
             await self._hostcfg_conflicts(params)
@@ -712,6 +715,11 @@ class PxeRoutes:
         log.info("host config %s for chassis %s created (%s, %d nics, %d bonds)", uuid,
                  params.chassis_uuid, spec["osFamily"], len(spec["nicCfgs"]), len(spec["bondings"]))
         return await self.hostcfg_get(uuid)
+
+    @hostcfg_create.exists
+    async def _hostcfg_uuid_used(self, uuid: str) -> bool:
+        return await self.agent.db.fetchone("SELECT 1 FROM bm_hostcfg WHERE uuid=?",
+                                            (uuid,)) is not None
 
     @hostcfg_create.check
     async def _hostcfg_create_check(self, params: CreateHostCfg) -> None:
@@ -833,7 +841,9 @@ class PxeRoutes:
         path = self._pxe_boot_dir / family / name
         if not await asyncio.to_thread(path.is_file):
             log.warning("the installer's %s for %s is missing: put it at %s", name, family, path)
-            raise errors.NotFound(f"the agent has no {family} {name}: put it at {path}",
+            # Public route: the body names no server path (the log does, for the operator).
+            raise errors.NotFound(f"the agent has no {family} {name} (the operator puts it in "
+                                  "the [pxe] boot directory; the agent's log names the path)",
                                   code="BM.2012")
         return web.FileResponse(path, headers={"Cache-Control": "no-store"})
 

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
+from agent.validation import control_chars, full_match
 
 from .netinfo import parse_netmask
 
@@ -31,7 +32,7 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def normalize_mac(v: str) -> str:
-    if not isinstance(v, str) or not MAC_RE.match(v.strip()):
+    if not isinstance(v, str) or not full_match(MAC_RE, v.strip()):
         raise ValueError("must be a MAC address such as 52:54:00:12:34:56")
     hexdigits = re.sub(r"[:-]", "", v.strip().lower())
     mac = ":".join(hexdigits[i:i + 2] for i in range(0, 12, 2))
@@ -41,7 +42,7 @@ def normalize_mac(v: str) -> str:
 
 
 def normalize_uuid(v: str) -> str:
-    if not isinstance(v, str) or not UUID_RE.match(v):
+    if not isinstance(v, str) or not full_match(UUID_RE, v):
         raise ValueError("must be a uuid (32 hex digits)")
     return v.replace("-", "").lower()
 
@@ -100,14 +101,14 @@ class PxeServerFields(WireModel):
     @field_validator("dhcp_interface", check_fields=False)
     @classmethod
     def _iface(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", v):
+        if v is not None and not full_match(r"[A-Za-z0-9_.:@-]{1,15}", v):
             raise ValueError("must be a network interface name (1-15 characters)")
         return v
 
     @field_validator("name", check_fields=False)
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not NAME_RE.match(v):
+        if v is not None and not full_match(NAME_RE, v):
             raise ValueError("must be 1-255 characters without control characters")
         return v
 
@@ -133,7 +134,7 @@ _DNS_DOC = ("DNS servers (DHCP option 6, at most 3; a list or a comma-separated 
             "offered to installing machines; by default none")
 
 
-class CreatePxeServer(PxeServerFields):
+class CreatePxeServer(CreateParams, PxeServerFields):
     name: str
     dhcp_interface: str
     dhcp_range_begin: str
@@ -142,12 +143,6 @@ class CreatePxeServer(PxeServerFields):
     description: str | None = Field(None, max_length=2048)
     router: str | None = Field(None, description=_ROUTER_DOC)
     dns_servers: list[str] | None = Field(None, description=_DNS_DOC)
-    resource_uuid: str | None = None
-
-    @field_validator("resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else normalize_uuid(v)
 
 
 class UpdatePxeServer(PxeServerFields):
@@ -290,7 +285,7 @@ class Bonding(L3Settings):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not BOND_NAME_RE.match(v):
+        if not full_match(BOND_NAME_RE, v):
             raise ValueError("must be an interface name such as bond0 (a letter, then up to "
                              "14 letters, digits or _)")
         return v
@@ -318,7 +313,7 @@ class Bonding(L3Settings):
         return f"bonding {self.name}"
 
 
-class CreateHostCfg(WireModel):
+class CreateHostCfg(CreateParams):
     chassis_uuid: str
     hostname: str | None = Field(None, description="default: node-<first 8 digits of the chassis uuid>")
     password: str | None = Field(None, min_length=1, max_length=256,
@@ -329,7 +324,6 @@ class CreateHostCfg(WireModel):
     nic_cfgs: list[NicCfg] = Field(default_factory=list, max_length=64)
     bondings: list[Bonding] = Field(default_factory=list, max_length=16)
     clone_iso: bool | None = Field(None, description="accepted and ignored (manual 2.2)")
-    resource_uuid: str | None = None
     cfg_items: dict[str, Any] | None = Field(None, description="the manual's form: {nicCfgs, bondings}")
 
     @model_validator(mode="before")
@@ -364,15 +358,10 @@ class CreateHostCfg(WireModel):
     def _chassis(cls, v: str) -> str:
         return normalize_uuid(v)
 
-    @field_validator("resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else normalize_uuid(v)
-
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str | None) -> str | None:
-        if v is not None and (not HOSTNAME_RE.match(v) or v.replace(".", "").isdigit()):
+        if v is not None and (not full_match(HOSTNAME_RE, v) or v.replace(".", "").isdigit()):
             raise ValueError("must be a host name: letters, digits and hyphens, dot-separated labels")
         return None if v is None else v.lower()
 
@@ -380,7 +369,7 @@ class CreateHostCfg(WireModel):
     @classmethod
     def _password(cls, v: str | None) -> str | None:
         # No control characters: the password goes to `openssl passwd -stdin`, one line.
-        if v is not None and re.search(r"[\x00-\x1f\x7f]", v):
+        if v is not None and control_chars(v):
             raise ValueError("must not contain control characters or line breaks")
         return v
 

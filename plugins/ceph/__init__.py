@@ -41,6 +41,7 @@ from agent.jobs import iso
 from agent.models import WireModel
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 from agent.runner import Runner
+from agent.validation import full_match
 
 from . import backup, cluster, health, mons, pools, rbdvols
 from .cluster import (AccessDenied, ClusterDown, Connection, Endpoint, FsidMismatch, Registry,
@@ -155,7 +156,7 @@ class CephPlugin(Plugin):
     # --- plumbing ----------------------------------------------------------------------
 
     def _storage(self, uuid: str, kind: str) -> dict[str, Any]:
-        s = self.store.storages.get(uuid) if UUID_RE.match(uuid or "") else None
+        s = self.store.storages.get(uuid) if full_match(UUID_RE, uuid or "") else None
         if s is None or s["kind"] != kind:
             raise not_found(f"no {KIND_NAME[kind]} {uuid[:64]} on this node")
         return s
@@ -365,9 +366,6 @@ class CephPlugin(Plugin):
     # --- registration ------------------------------------------------------------------
 
     async def _check_registration(self, params: Any) -> None:
-        uuid = params.uuid or params.resource_uuid
-        if uuid and uuid in self.store.storages:
-            raise conflict(f"a Ceph storage {uuid} is already registered on this node")
         if params.keyring_path:
             why = await self.runner.call(keyring_has_user, params.keyring_path, params.user, timeout=10)
             if why:
@@ -376,7 +374,7 @@ class CephPlugin(Plugin):
             raise bad(f"confPath {params.conf_path} is not a file")
 
     async def _register(self, job: Any, params: Any, kind: str) -> dict[str, Any]:
-        uuid = params.uuid or params.resource_uuid or _new_uuid()
+        uuid = params.resource_uuid
         async with self.locks[("storage", uuid)]:
             if uuid in self.store.storages:
                 raise conflict(f"a Ceph storage {uuid} is already registered on this node")
@@ -501,6 +499,10 @@ class CephPlugin(Plugin):
     @add_ceph_primary_storage.check
     async def _add_primary_check(self, params: AddCephPrimaryStorage) -> None:
         await self._check_registration(params)
+
+    @add_ceph_primary_storage.exists
+    async def _primary_uuid_used(self, new_uuid: str) -> bool:
+        return new_uuid in self.store.storages
 
     @query(PS, model=CephPrimaryStorageInventory)
     async def query_ceph_primary_storage(self) -> list:
@@ -821,7 +823,7 @@ class CephPlugin(Plugin):
             else:
                 await self.ceph(uuid, pools.adopt, name, what=f"adopting pool {name}")
             now = _now()
-            p = {"uuid": params.resource_uuid or _new_uuid(), "storageUuid": uuid, "poolName": name,
+            p = {"uuid": params.resource_uuid, "storageUuid": uuid, "poolName": name,
                  "aliasName": params.alias_name, "description": params.description,
                  "type": params.type, "createDate": now, "lastOpDate": now}
             await self.store.put("pools", p["uuid"], uuid, p)
@@ -833,8 +835,12 @@ class CephPlugin(Plugin):
         self._storage(uuid, PRIMARY)
         if any(p["poolName"] == params.pool_name for p in self.store.pools_of(uuid)):
             raise conflict(f"pool {params.pool_name} is already a pool of Ceph primary storage {uuid}")
-        if params.resource_uuid and params.resource_uuid in self.store.pools:
+        if params.resource_uuid in self.store.pools:       # decided by the core; a race
             raise conflict(f"a pool {params.resource_uuid} already exists")
+
+    @add_ceph_primary_storage_pool.exists
+    async def _pool_uuid_used(self, new_uuid: str, uuid: str) -> bool:
+        return new_uuid in self.store.pools
 
     @add_ceph_primary_storage_pool.check
     async def _add_pool_check(self, params: AddPool, uuid: str) -> None:
@@ -1002,7 +1008,7 @@ class CephPlugin(Plugin):
         """An empty RBD image in the data pool (or the root pool, or a named pool)."""
         s = self._storage(uuid, PRIMARY)
         pool = self._volume_pool(s, params.pool_name, params.type)
-        vol_uuid = params.volume_uuid or _new_uuid()
+        vol_uuid = params.resource_uuid
         name = params.name or vol_uuid
         async with self.locks[("volume", uuid, pool, name)]:
             if vol_uuid in self.store.volumes:
@@ -1019,8 +1025,10 @@ class CephPlugin(Plugin):
     async def _create_volume_check(self, params: CreateVolume, uuid: str) -> None:
         s = self._storage(uuid, PRIMARY)
         self._volume_pool(s, params.pool_name, params.type)
-        if params.volume_uuid and params.volume_uuid in self.store.volumes:
-            raise conflict(f"a volume {params.volume_uuid} already exists")
+
+    @create_ceph_volume.exists
+    async def _volume_uuid_used(self, new_uuid: str, uuid: str) -> bool:
+        return new_uuid in self.store.volumes
 
     @delete(PSU + "/volumes/{volumeUuid}", params=DeleteVolumeQuery, result=Deleted)
     async def delete_ceph_volume(self, job, params, uuid: str, volumeUuid: str) -> Deleted:
@@ -1150,6 +1158,10 @@ class CephPlugin(Plugin):
     async def _add_backup_check(self, params: AddCephBackupStorage) -> None:
         await self._check_registration(params)
 
+    @add_ceph_backup_storage.exists
+    async def _backup_uuid_used(self, new_uuid: str) -> bool:
+        return new_uuid in self.store.storages
+
     @query(BS, model=CephBackupStorageInventory)
     async def query_ceph_backup_storage(self) -> list:
         """QueryCephBackupStorage."""
@@ -1249,7 +1261,7 @@ class CephPlugin(Plugin):
     async def add_ceph_backup_image(self, job, params: AddImage, uuid: str) -> ImageReply:
         """Download an image (http/https, checksum checked) into the pool as raw RBD."""
         s = self._storage(uuid, BACKUP)
-        image_uuid = params.image_uuid or _new_uuid()
+        image_uuid = params.resource_uuid
         key = (uuid, image_uuid)
         if key in self.store.images:
             raise conflict(f"image {image_uuid} already exists in Ceph backup storage {uuid}")
@@ -1276,11 +1288,13 @@ class CephPlugin(Plugin):
                  image_uuid, rec["url"], rec["originalFormat"], rec["size"])
         return ImageReply(inventory=self._image_inventory(rec))
 
+    @add_ceph_backup_image.exists
+    async def _image_uuid_used(self, new_uuid: str, uuid: str) -> bool:
+        return (uuid, new_uuid) in self.store.images
+
     @add_ceph_backup_image.check
     async def _add_image_check(self, params: AddImage, uuid: str) -> None:
         self._storage(uuid, BACKUP)
-        if params.image_uuid and (uuid, params.image_uuid) in self.store.images:
-            raise conflict(f"image {params.image_uuid} already exists in Ceph backup storage {uuid}")
         if params.md5sum and params.checksum:
             raise bad("give md5sum or checksum, not both")
 
@@ -1585,7 +1599,7 @@ def _unlink(*paths: Path) -> None:
 
 def models_name_ok(name: str) -> bool:
     from .models import NAME_RE
-    return bool(NAME_RE.match(name))
+    return full_match(NAME_RE, name)
 
 
 def _snake(camel: str) -> str:

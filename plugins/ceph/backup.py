@@ -324,7 +324,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     """(start, end inclusive), None for the whole image, "bad" if unsatisfiable."""
     if not header:
         return None
-    m = re.match(r"^bytes=(\d*)-(\d*)$", header.strip())
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         return "bad"
     if not m.group(1):                         # the last N bytes

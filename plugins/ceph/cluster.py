@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from agent import errors
 from agent.lazy import LazyModule
+from agent.validation import control_chars, full_match
 
 # Debian's python3-rados / python3-rbd; the plugin reports itself unavailable without them.
 # Loading them costs ~17 MB of RSS and ~15 ms, which an agent with no Ceph storage never
@@ -216,11 +217,13 @@ _HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9]
 def parse_mon_url(url: str) -> Endpoint:
     """``host``, ``host:port``, ``[v6]:port``, ``v1:host:port``, ``v2:host:port`` or the
     manual's ``user:password@host/?monPort=N`` (the ssh part is not used, nor kept)."""
+    if control_chars(url) is not None:      # before strip(): "host\n" is refused, not trimmed
+        raise ValueError("a mon URL must not contain control characters (line breaks, NUL...)")
     text = url.strip()
     if not text:
         raise ValueError("a mon URL is empty")
     proto = None
-    m = re.match(r"^(v[12]):(.*)$", text)
+    m = re.fullmatch(r"(v[12]):(.*)", text)
     if m:
         proto, text = m.group(1), m.group(2)
     port: int | None = None
@@ -234,7 +237,7 @@ def parse_mon_url(url: str) -> Endpoint:
         if port is not None and (text.count(":") == 1):
             raise ValueError(f"mon URL '{_safe(url)}' gives the port twice")
     if text.startswith("["):
-        m = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", text)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
         if not m:
             raise ValueError(f"mon URL '{_safe(url)}' is not [ipv6]:port")
         host = m.group(1)
@@ -251,7 +254,7 @@ def parse_mon_url(url: str) -> Endpoint:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if not _HOST_RE.match(host):
+        if not full_match(_HOST_RE, host):
             raise ValueError(f"mon URL '{_safe(url)}': '{_safe(host)}' is neither an IP address "
                              f"nor a host name") from None
     if port is not None and not 1 <= port <= 65535:

@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel, resource_uuid_field
+from agent.validation import ResourceUuid, full_match
 
 from . import secrets
 from .cluster import parse_mon_url
@@ -30,21 +31,19 @@ MAX_PG = 65536   # Ceph's mon_max_pool_pg_num default
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
+    if not full_match(NAME_RE, value):
         raise ValueError(f"{kind} name '{value[:140]}' is not allowed: use {NAME_RULE}")
     return value
 
 
 def check_uuid(value: str) -> str:
     v = value.replace("-", "").lower()
-    if not UUID_RE.match(v):
+    if not full_match(UUID_RE, v):
         raise ValueError("must be a UUID: 32 hex digits (dashes allowed)")
     return v
 
 
-class _Registration(WireModel):
-    uuid: str | None = Field(None, description="the storage's uuid; random when absent")
-    resource_uuid: str | None = Field(None, description="alias of uuid (the manual's name)")
+class _Registration(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     mon_urls: list[str] = Field(default_factory=list, max_length=32,
@@ -60,16 +59,11 @@ class _Registration(WireModel):
     zone_uuid: str | None = None
     import_images: bool = Field(False, description="the manual's field; not used")
 
-    @field_validator("uuid", "resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else check_uuid(v)
-
     @field_validator("user")
     @classmethod
     def _user(cls, v: str) -> str:
         v = v.removeprefix("client.")
-        if not USER_RE.match(v):
+        if not full_match(USER_RE, v):
             raise ValueError("user must be a cephx user name such as 'admin' (letters, digits, "
                              "'_', '.', '-')")
         return v
@@ -110,8 +104,6 @@ class _Registration(WireModel):
         for p in (self.keyring_path, self.conf_path):
             if p is not None and not p.startswith("/"):
                 raise ValueError(f"'{p[:200]}' must be an absolute path")
-        if self.uuid and self.resource_uuid and self.uuid != self.resource_uuid:
-            raise ValueError("uuid and resourceUuid differ")
         return self
 
 
@@ -280,7 +272,7 @@ class PoolReply(WireModel):
     inventory: PoolInventory
 
 
-class AddPool(WireModel):
+class AddPool(CreateParams):
     pool_name: str
     alias_name: str | None = Field(None, max_length=255)
     description: str | None = Field(None, max_length=2048)
@@ -288,17 +280,11 @@ class AddPool(WireModel):
     type: Literal["Data", "Root", "ImageCache"] = "Data"
     pg_num: int | None = Field(None, ge=1, le=MAX_PG, description=f"1-{MAX_PG}; the cluster's "
                                "default when absent")
-    resource_uuid: str | None = None
 
     @field_validator("pool_name")
     @classmethod
     def _pool(cls, v: str) -> str:
         return check_name("pool", v)
-
-    @field_validator("resource_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else check_uuid(v)
 
 
 class UpdatePool(WireModel):
@@ -387,16 +373,10 @@ class VolumeReply(WireModel):
     inventory: VolumeInventory
 
 
-class NewImage(WireModel):
+class _ImagePlace(WireModel):
     """Where a new RBD image goes: each part checked when given."""
-    volume_uuid: str | None = None
     name: str | None = None
     pool_name: str | None = None
-
-    @field_validator("volume_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else check_uuid(v)
 
     @field_validator("name")
     @classmethod
@@ -409,8 +389,17 @@ class NewImage(WireModel):
         return None if v is None else check_name("pool", v)
 
 
-class CreateVolume(NewImage):
-    volume_uuid: str | None = Field(None, description="random when absent")
+
+class NewImage(_ImagePlace):
+    volume_uuid: str | None = None
+
+    @field_validator("volume_uuid")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        return None if v is None else check_uuid(v)
+
+class CreateVolume(CreateParams, _ImagePlace):
+    resource_uuid: ResourceUuid | None = resource_uuid_field("uuid", "volumeUuid")
     name: str | None = Field(None, description="the image's name; the volume uuid when absent")
     pool_name: str | None = Field(None, description="one of the storage's pools; the data pool "
                                   "(or the root pool for type Root) when absent")
@@ -508,9 +497,9 @@ def check_image_url(v: str) -> str:
     return v
 
 
-class AddImage(WireModel):
+class AddImage(CreateParams):
+    resource_uuid: ResourceUuid | None = resource_uuid_field("uuid", "imageUuid")
     url: str = Field(min_length=1, max_length=4096, description="http(s) URL of the image")
-    image_uuid: str | None = None
     name: str | None = Field(None, max_length=255)
     format: Literal["auto", "raw", "qcow2"] = "auto"
     md5sum: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")
@@ -522,17 +511,12 @@ class AddImage(WireModel):
     def _url(cls, v: str) -> str:
         return check_image_url(v)
 
-    @field_validator("image_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        return None if v is None else check_uuid(v)
-
     @field_validator("checksum")
     @classmethod
     def _checksum(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        m = re.match(r"^(md5|sha1|sha256|sha512):([0-9a-fA-F]+)$", v)
+        m = re.fullmatch(r"(md5|sha1|sha256|sha512):([0-9a-fA-F]+)", v)
         lengths = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
         if not m or len(m.group(2)) != lengths[m.group(1)]:
             raise ValueError("checksum must be md5:<32 hex>, sha1:<40 hex>, sha256:<64 hex> "

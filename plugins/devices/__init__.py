@@ -30,6 +30,7 @@ from agent.libvirt_conn import libvirt
 from agent.models import WireModel
 from agent.plugin import Plugin, action, get, query
 from agent.query import FrozenItems
+from agent.validation import full_match
 
 from . import candidates, hostdev, pci, usb
 from .candidates import ATTACHED, NOT_ASSIGNABLE, Assessment
@@ -830,7 +831,7 @@ class DevicesPlugin(Plugin):
         return UsbRedirect(enable=bool(devs and devs.redirdevs))
 
     def _vm_uuid(self, uuid: str) -> str:
-        if not re.match(UUID_PATTERN, uuid):
+        if not full_match(UUID_PATTERN, uuid):
             raise errors.BadRequest(f"'{uuid}' is not a VM uuid: 32 hex digits, with or without "
                                     "dashes", code="VM.1001")
         return hex_uuid(uuid)

@@ -51,8 +51,8 @@ class Assessment:
 def _ancestors(path: str) -> tuple[list[str], list[str]]:
     """The PCI addresses and USB device ids along a sysfs device path."""
     parts = path.split("/")
-    return ([p for p in parts if ADDRESS_RE.match(p)],
-            [p for p in parts if USB_ID_RE.match(p) and not p.startswith("usb")])
+    return ([p for p in parts if ADDRESS_RE.fullmatch(p)],
+            [p for p in parts if USB_ID_RE.fullmatch(p) and not p.startswith("usb")])
 
 
 def _block_paths(root: str, sysdev: str, seen: set[str]) -> list[str]:

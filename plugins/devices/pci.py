@@ -106,7 +106,7 @@ def _int(value: str | None) -> int | None:
 
 def normalize_address(text: str) -> str | None:
     """'0000:3B:00.0', '3b:00.0' or '0:3b:0.0' as '0000:3b:00.0'; None if malformed."""
-    m = _SHORT_RE.match(text.strip().lower())
+    m = _SHORT_RE.fullmatch(text.strip().lower())
     if not m:
         return None
     dom, bus, slot, fn = m.groups()
@@ -188,7 +188,7 @@ def _read(address: str, bfd: int, base: str, pf: str | None = None) -> PciDevice
         revision=_hex(read_at(d + "revision", bfd), 2), driver=driver,
         iommu_group=_int(_link_at(d + "iommu_group", bfd)),
         numa_node=numa if numa is not None and numa >= 0 else None, physfn=physfn,
-        parent=chain[-2] if len(chain) >= 2 and ADDRESS_RE.match(chain[-2]) else None)
+        parent=chain[-2] if len(chain) >= 2 and ADDRESS_RE.fullmatch(chain[-2]) else None)
     bridge_class = cls.startswith("06")
     total = None if physfn is not None or bridge_class else read_at(d + "sriov_totalvfs", bfd)
     if total is not None:                   # an SR-IOV PF: list its virtfn<N> links

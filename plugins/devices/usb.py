@@ -115,7 +115,7 @@ def _read(name: str, bfd: int) -> UsbDevice | None:
         parent = name.rsplit(".", 1)[0]
     else:
         parent = f"usb{bus}"
-    controller = next((c for c in reversed(target.split("/")) if ADDRESS_RE.match(c)), None)
+    controller = next((c for c in reversed(target.split("/")) if ADDRESS_RE.fullmatch(c)), None)
     return UsbDevice(
         id=name, bus_num=bus, dev_num=dev, id_vendor=vendor, id_product=product_id,
         manufacturer=read_at(d + "manufacturer", bfd), product=read_at(d + "product", bfd),
@@ -153,7 +153,7 @@ def _order(name: str) -> tuple:
 def parse_id(text: str) -> str | tuple[int, int] | None:
     """A sysfs id ('1-1.2', 'usb1') or a bus-device pair ('001-004' -> (1, 4))."""
     t = text.strip()
-    m = BUSDEV_RE.match(t)
+    m = BUSDEV_RE.fullmatch(t)
     if m:
         return int(m.group(1)), int(m.group(2))
-    return t if ID_RE.match(t) else None
+    return t if ID_RE.fullmatch(t) else None

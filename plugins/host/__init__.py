@@ -16,6 +16,7 @@ from pydantic import Field, HttpUrl
 from agent import errors
 from agent.models import Empty, WireModel, utcnow_iso
 from agent.plugin import Plugin, action, get
+from agent.validation import Multiline
 
 from . import facts, inventory, osupdate
 
@@ -62,7 +63,7 @@ class HostConnectionReply(WireModel):
 
 
 class RunShell(WireModel):
-    script: str = Field(min_length=1, max_length=1 << 20)
+    script: Multiline = Field(min_length=1, max_length=1 << 20, description="lines of bash; no NUL")
     timeout: int = Field(60, ge=1, description="seconds; the script's process tree is killed after it")
 
 

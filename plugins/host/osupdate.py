@@ -15,6 +15,7 @@ from pydantic import Field
 
 from agent import errors
 from agent.models import WireModel
+from agent.validation import full_match
 
 PACKAGE = r"^[A-Za-z0-9][A-Za-z0-9+._:*-]{0,127}$"   # names (and globs for dnf), never options
 REPO = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -31,10 +32,10 @@ class UpdateHostOS(WireModel):
 
     def model_post_init(self, _ctx) -> None:
         for name in self.exclude_packages:
-            if not re.match(PACKAGE, name):
+            if not full_match(PACKAGE, name):
                 raise ValueError(f"not a package name: {name!r}")
         for repo in self.enable_repos:
-            if not re.match(REPO, repo):
+            if not full_match(REPO, repo):
                 raise ValueError(f"not a repository id: {repo!r}")
 
 

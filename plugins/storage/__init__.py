@@ -468,13 +468,13 @@ class StoragePlugin(Plugin):
             if kind == NFS:
                 nfs.check_nfs_url(params.url)
                 nfs.merge_options(params.mount_options, self.conf.nfs_default_options)
-                uuid = params.storage_uuid() or uuidlib.uuid4().hex
+                uuid = params.resource_uuid        # decided by the core
                 root_base = self.conf.nfs_mount_root or str(self.agent.state_dir / "mnt")
                 mp = nfs.check_dir_path(params.mount_path or f"{root_base}/{uuid}", "mountPath")
                 url = params.url
             else:
                 url = mp = nfs.check_dir_path(params.url, "url")
-                uuid = params.storage_uuid() or uuidlib.uuid4().hex
+                uuid = params.resource_uuid
         except nfs.BadInput as e:
             raise errors.BadRequest(str(e), code="STORAGE.1001") from None
         same = self.storages.get(uuid)
@@ -503,7 +503,8 @@ class StoragePlugin(Plugin):
 
     async def _register_check(self, kind: str, params) -> None:
         row = await self._plan(kind, params)
-        existing = self.storages.get(row.uuid) if params.storage_uuid() else None
+        # The same registration again is idempotent (200); the uuid used otherwise, a 409.
+        existing = self.storages.get(row.uuid)
         if existing is not None:
             if existing.row.type != kind or existing.row.url != row.url:
                 raise errors.Conflict(f"primary storage {row.uuid} is already registered as "
@@ -814,7 +815,7 @@ class StoragePlugin(Plugin):
     async def create_volume(self, job, params: CreateVolume, uuid: str) -> dict[str, Any]:
         """Create an empty volume (qcow2 or raw) or one from a cached image."""
         st = self.get_storage(uuid)
-        vu = params.volume_uuid() or uuidlib.uuid4().hex
+        vu = params.resource_uuid
         path = params.path or f"volumes/{vu}.{params.format}"
         img = await self.registry.image(st.uuid, norm_uuid(params.image_uuid)) if params.image_uuid else None
         if params.image_uuid and img is None:
@@ -881,6 +882,10 @@ class StoragePlugin(Plugin):
             raise errors.BadRequest(f"{what} {size} is larger than the limit of "
                                     f"{self.conf.max_volume_bytes} bytes", code="STORAGE.1001")
 
+    @create_volume.exists
+    async def _volume_uuid_used(self, new_uuid: str, uuid: str) -> bool:
+        return await self.registry.volume(new_uuid) is not None
+
     @create_volume.check
     async def _create_volume_check(self, params: CreateVolume, uuid: str) -> None:
         st = self.get_storage(uuid)
@@ -889,9 +894,6 @@ class StoragePlugin(Plugin):
             raise errors.BadRequest("size is required for an empty volume", code="STORAGE.1001")
         if params.path is not None:
             self.check_rel(params.path)
-        vu = params.volume_uuid()
-        if vu and await self.registry.volume(vu) is not None:
-            raise errors.Conflict(f"volume {vu} already exists", code="STORAGE.1009")
         if params.image_uuid:
             img = await self.registry.image(st.uuid, norm_uuid(params.image_uuid))
             if img is None:
@@ -901,7 +903,7 @@ class StoragePlugin(Plugin):
                 raise errors.BadRequest(f"size {params.size} is smaller than the image's virtual size "
                                         f"{img.size}", code="STORAGE.1011")
         self.check_usable(st)
-        path = params.path or f"volumes/{vu or 'x'}.{params.format}"
+        path = params.path or f"volumes/{params.resource_uuid}.{params.format}"
         if await self.registry.volume_at(st.uuid, path) is not None:
             raise errors.Conflict(f"{path} is already a volume", code="STORAGE.1009")
         if params.path is not None:

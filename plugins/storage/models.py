@@ -8,10 +8,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
+from agent.validation import full_match
 
 UUID_RE = r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 TIB = 1 << 40
+_NAME = r"[A-Za-z0-9_+@=,-][A-Za-z0-9._+@=,-]*"
+SAFE_REL_PATH_RE = re.compile(rf"{_NAME}(?:/{_NAME})*")
 
 SHARED_FS_TYPES = ["nfs", "nfs4", "cifs", "smb3", "ceph", "fuse.ceph", "fuse.cephfs", "glusterfs",
                    "fuse.glusterfs", "ocfs2", "gfs2", "lustre", "gpfs", "beegfs", "fuse.moosefs",
@@ -58,18 +61,12 @@ class StorageSettings(WireModel):
 
 # --- primary storage ---------------------------------------------------------------
 
-class _AddBase(WireModel):
-    uuid: str | None = Field(None, pattern=UUID_RE, description="default: a new random uuid")
-    resource_uuid: str | None = Field(None, pattern=UUID_RE, description="the manual's name for uuid")
+class _AddBase(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     zone_uuid: str | None = Field(None, pattern=UUID_RE)
     type: str | None = Field(None, description="ignored: the URL says the type")
     url: str = Field(min_length=1, max_length=4096)
-
-    def storage_uuid(self) -> str | None:
-        u = self.uuid or self.resource_uuid
-        return norm_uuid(u) if u else None
 
 
 class AddLocalPrimaryStorage(_AddBase):
@@ -153,9 +150,7 @@ class CleanUpResult(WireModel):
 
 # --- volumes -------------------------------------------------------------------------
 
-class CreateVolume(WireModel):
-    uuid: str | None = Field(None, pattern=UUID_RE)
-    resource_uuid: str | None = Field(None, pattern=UUID_RE)
+class CreateVolume(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     format: Literal["qcow2", "raw"] = "qcow2"
@@ -166,9 +161,14 @@ class CreateVolume(WireModel):
                                                                 "default volumes/<uuid>.<format>")
     type: Literal["Root", "Data"] = "Data"
 
-    def volume_uuid(self) -> str | None:
-        u = self.uuid or self.resource_uuid
-        return norm_uuid(u) if u else None
+    @field_validator("path")
+    @classmethod
+    def _safe_names(cls, v: str | None) -> str | None:
+        # The install path goes back to the controller and into argv: plain names only.
+        if v is not None and not full_match(SAFE_REL_PATH_RE, v):
+            raise ValueError("must be a relative path of names made of letters, digits and "
+                             "'_', '-', '+', '@', '=', ',', '.' (not starting with '.')")
+        return v
 
 
 class BackingFile(WireModel):

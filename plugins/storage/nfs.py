@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from agent.validation import full_match
+
 _HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])"
 _EXPORT = r"/[A-Za-z0-9._+@=,/-]*"
 NFS_URL_RE = re.compile(rf"^(?P<host>{_HOST}):(?P<path>{_EXPORT})$")
@@ -27,7 +29,7 @@ class BadInput(ValueError):
 
 
 def check_nfs_url(url: str) -> tuple[str, str]:
-    m = NFS_URL_RE.match(url)
+    m = NFS_URL_RE.fullmatch(url)
     if not m:
         raise BadInput(f"url {url!r} is not server:/export (a host name or address, a colon, an "
                        "absolute export path of letters, digits and ._+@=,/- only)")
@@ -41,7 +43,7 @@ def check_dir_path(path: str, what: str) -> str:
     """An absolute, normalized directory path of plain characters, not '/'."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise BadInput(f"{what} {path!r} must be an absolute path")
-    if "\0" in path or "\n" in path or not SAFE_PATH_RE.match(path):
+    if "\0" in path or "\n" in path or not full_match(SAFE_PATH_RE, path):
         raise BadInput(f"{what} {path!r} may only hold letters, digits, spaces and ._+@=,/-")
     if any(p in (".", "..") for p in path.split("/")):
         raise BadInput(f"{what} {path!r} must not contain '.' or '..' components")
@@ -63,7 +65,7 @@ def merge_options(user: str | None, defaults: str) -> str:
     for opt in (user or "").split(","):
         if not opt:
             continue
-        if not OPTION_RE.match(opt):
+        if not full_match(OPTION_RE, opt):
             raise BadInput(f"mount option {opt!r} is not key or key=value of plain characters")
         if _key(opt) in FORBIDDEN_OPTIONS:
             raise BadInput(f"mount option {opt!r} is not allowed here")

@@ -16,7 +16,6 @@ import asyncio
 import importlib
 import logging
 import time
-import uuid as uuidlib
 from typing import Any, Callable, Literal
 
 from pydantic import Field
@@ -27,6 +26,7 @@ from agent.libvirt_conn import IMPORT_ERROR as BINDING_ERROR
 from agent.libvirt_conn import libvirt
 from agent.models import Empty, WireModel
 from agent.plugin import Plugin, action, create, delete, get, query
+from agent.validation import full_match
 
 from . import lverrors
 from . import states as S
@@ -59,7 +59,7 @@ class VmSettings(WireModel):
 
 
 def _path_uuid(uuid: str) -> str:
-    if not UUID_RE.match(uuid):
+    if not full_match(UUID_RE, uuid):
         raise errors.BadRequest(f"'{uuid}' is not a VM uuid: use 32 hex digits", code="VM.1001")
     return normalize_uuid(uuid)
 
@@ -255,7 +255,7 @@ class VmPlugin(Plugin):
     @create("/v1/vm-instances", params=VmSpec, result=VmReply, requires="libvirt")
     async def define_vm(self, job, params: VmSpec) -> dict[str, Any]:
         """Define a VM from a spec (persistent, not started)."""
-        uuid = params.uuid or uuidlib.uuid4().hex
+        uuid = params.resource_uuid
         async with self._define_lock:
             problems, block = await self._disk_paths(params)
             if problems:
@@ -272,10 +272,13 @@ class VmPlugin(Plugin):
         problems, _ = await self._disk_paths(params)
         if problems:
             raise errors.BadRequest("cannot define the VM: " + "; ".join(problems), code="VM.1001")
-        found = await self._call(ops.exists, params.uuid, params.name,
-                                 what="look the VM's uuid and name up")
+        found = await self._call(ops.exists, None, params.name, what="look the VM's name up")
         if found:
             raise errors.Conflict(found, code="VM.1010")
+
+    @define_vm.exists
+    async def _vm_uuid_used(self, uuid: str) -> bool:
+        return await self._call(ops.exists, uuid, None, what="look the VM's uuid up") is not None
 
     async def _disk_paths(self, params: VmSpec) -> tuple[list[str], frozenset[str]]:
         # Every disk and ISO inside [storage] allowed_roots (or an RBD device), else 400

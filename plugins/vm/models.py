@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel
 from agent.paths import check_shape
+from agent.validation import full_match
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                      r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -84,14 +85,14 @@ class NicSpec(WireModel):
     @field_validator("bridge")
     @classmethod
     def _bridge(cls, v: str | None) -> str | None:
-        if v is not None and not IFNAME_RE.match(v):
+        if v is not None and not full_match(IFNAME_RE, v):
             raise ValueError("must be an interface name (1-15 letters, digits, '_', '.', ':' or '-')")
         return v
 
     @field_validator("network")
     @classmethod
     def _network(cls, v: str | None) -> str | None:
-        if v is not None and not NETNAME_RE.match(v):
+        if v is not None and not full_match(NETNAME_RE, v):
             raise ValueError("must be a libvirt network name (letters, digits, '_', '.', '+' or '-')")
         return v
 
@@ -100,7 +101,7 @@ class NicSpec(WireModel):
     def _mac(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        if not MAC_RE.match(v):
+        if not full_match(MAC_RE, v):
             raise ValueError("must be six hex octets separated by ':'")
         v = v.lower()
         if int(v[:2], 16) & 1:
@@ -160,23 +161,22 @@ class HostdevSpec(WireModel):
         if self.type == "pci":
             if self.id_vendor is not None or self.id_product is not None:
                 raise ValueError("a pci hostdev takes pciDeviceAddress only")
-            if self.pci_device_address is None or not PCI_RE.match(self.pci_device_address):
+            if self.pci_device_address is None or not full_match(PCI_RE, self.pci_device_address):
                 raise ValueError("pciDeviceAddress must look like 0000:03:00.0")
             self.pci_device_address = self.pci_device_address.lower()
         else:
             if self.pci_device_address is not None:
                 raise ValueError("a usb hostdev takes idVendor and idProduct only")
             for name, v in (("idVendor", self.id_vendor), ("idProduct", self.id_product)):
-                if v is None or not USB_ID_RE.match(v):
+                if v is None or not full_match(USB_ID_RE, v):
                     raise ValueError(f"{name} must be 4 hex digits, e.g. 1d6b")
             self.id_vendor = self.id_vendor.lower().removeprefix("0x")
             self.id_product = self.id_product.lower().removeprefix("0x")
         return self
 
 
-class VmSpec(WireModel):
+class VmSpec(CreateParams):
     """POST /v1/vm-instances {"params": VmSpec}: a domain defined on this node."""
-    uuid: str | None = Field(None, description="32 hex digits (dashes accepted); generated when absent")
     name: str = Field(min_length=1, max_length=128)
     description: str | None = Field(None, max_length=4096)
     cpu_num: int = Field(ge=1, le=512)
@@ -192,17 +192,6 @@ class VmSpec(WireModel):
         "qemu-xhci", description="the USB controller's model: qemu-xhci (USB 3, 15 ports, room for "
         "the tablet, USB redirection and USB passthrough); piix3-uhci has 2 ports; none: no USB "
         "(then no graphics tablet and no USB hostdev)")
-
-    @field_validator("uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        if not UUID_RE.match(v):
-            raise ValueError("must be 32 hex digits")
-        if int(v.replace("-", ""), 16) == 0:
-            raise ValueError("must not be all zeros")
-        return normalize_uuid(v)
 
     @field_validator("name")
     @classmethod

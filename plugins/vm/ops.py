@@ -115,7 +115,7 @@ def status(conn: Any, uuid: str) -> tuple[str, str | None, bool]:
     return name, why, bool(dom.isActive())
 
 
-def exists(conn: Any, uuid: str | None, name: str) -> str | None:
+def exists(conn: Any, uuid: str | None, name: str | None) -> str | None:
     """What already uses this uuid or name, or None."""
     if uuid is not None:
         try:
@@ -124,6 +124,8 @@ def exists(conn: Any, uuid: str | None, name: str) -> str | None:
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise
+    if name is None:
+        return None
     try:
         dom = conn.lookupByName(name)
         return f"a VM named '{name}' already exists (uuid {_uuid(dom)})"
