@@ -41,7 +41,7 @@ from agent.jobs import iso
 from agent.models import WireModel
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
-from . import backup, cluster, health, mons, pools, rbdvols
+from . import backup, cluster, health, kinds, mons, pools, rbdvols
 from .cluster import (AccessDenied, Connection, Endpoint, FsidMismatch, Registry, Timeouts,
                       Unreachable, bad, conflict, failed, mon_host_option, not_found,
                       parse_mon_url, translate)
@@ -112,6 +112,8 @@ class CephPlugin(Plugin):
         self.live: dict[str, dict[str, Any]] = defaultdict(dict)   # uuid -> last check
         self.locks: dict[Any, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.checker = health.HealthChecker(self, self.conf.health_interval)
+        # served in the core's /v1/{primary,backup}-storage collections too
+        kinds.register(self, PSU + "/actions", BSU + "/actions")
         import_error = cluster.import_error()
         if import_error:
             self.set_available(False, "the rados/rbd Python bindings cannot be imported "
