@@ -33,9 +33,10 @@ from agent import errors
 from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
-from . import imagecache, kinds, migrate, nfs, volumes
+from . import imagecache, imagestore, kinds, migrate, nfs, volumes
 from .fsclient import FsError, FsHelper, StorageHung, helper_argv
 from .fsworker import Confinement, split_rel
+from .imagestore import ImageStoreRoutes
 from .models import (AddLocalPrimaryStorage, AddNfsPrimaryStorage, AddSmpPrimaryStorage,
                      Capacity, ChangePrimaryStorageState, CleanUpResult, CreateVolume, DeleteParams,
                      DownloadImage, HostDiskCapacities, ImageCacheInventory, ImageCacheReply,
@@ -79,7 +80,7 @@ class Storage:
         return os.path.join(self.root, rel)
 
 
-class StoragePlugin(Plugin):
+class StoragePlugin(ImageStoreRoutes, Plugin):
     name = "storage"
     config_sections = {"storage": StorageSettings}
     max_threads = 4
@@ -95,6 +96,8 @@ class StoragePlugin(Plugin):
         self.sender_spare = Spare(migrate.spawn_sender)
         self.writer_spare = Spare(spawn_writer)
         kinds.register(self, (LOCAL, NFS, SMP))
+        self.image_stores: dict[str, Storage] = {}     # image store backup storages
+        self.agent.storage_kinds.register(imagestore.kind(self))
 
     @property
     def conf(self) -> StorageSettings:
@@ -108,6 +111,7 @@ class StoragePlugin(Plugin):
     # --- life cycle ------------------------------------------------------------------------------
     async def lifecycle(self):
         await self.registry.open()
+        await self.imagestore_open()
         for row in await self.registry.storages():
             st = self._make(row)
             self.storages[row.uuid] = st
@@ -126,6 +130,7 @@ class StoragePlugin(Plugin):
                 t.cancel()
         for st in list(self.storages.values()):
             await self._stop(st)
+        await self.imagestore_close()
 
     def _make(self, row: StorageRow) -> Storage:
         c = self.conf
