@@ -37,7 +37,7 @@ from agent.models import Empty, WireModel
 from agent.plugin import action, create, delete, get, query, raw
 from agent.storage_kinds import BACKUP, KindAction, StorageKind
 
-from . import imagecache, nfs, volumes
+from . import imagecache, imagestore_migrate, nfs, volumes
 from .fsclient import FsError, FsHelper, StorageHung
 from .imagestore_db import ImageStoreDb, StoreImage, StoreRow, blob_path
 from .models import UUID_RE, norm_uuid
@@ -697,6 +697,35 @@ class ImageStoreRoutes:
     @unexport_store_image.check
     async def _unexport_check(self: "StoragePlugin", params, uuid: str, imageUuid: str) -> None:
         await self._store_image(self.get_store(uuid), imageUuid)
+
+    # -- migrate (imagestore_migrate.py) --------------------------------------------------------------
+    @action(IMG + "/actions", "migrateImage", params=imagestore_migrate.MigrateImage,
+            result=StoreImageReply)
+    async def migrate_store_image(self: "StoragePlugin", job, params, uuid: str, imageUuid: str):
+        """Copy the image to another agent's image store, streamed and verified there; the
+        source keeps its image."""
+        st = self.get_store(uuid)
+        img = await self._store_image(st, imageUuid)
+        with self.busy(st, f"send:{img.uuid}"):
+            return await imagestore_migrate.send(self, job, st, img, params)
+
+    @migrate_store_image.check
+    async def _migrate_check(self: "StoragePlugin", params, uuid: str, imageUuid: str) -> None:
+        from . import migrate
+        st = self.get_store(uuid)
+        img = await self._store_image(st, imageUuid)
+        migrate.check_agent_url(params.destination.url)
+        if params.backup_storage_uuid and norm_uuid(params.backup_storage_uuid) != \
+                norm_uuid(params.destination.backup_storage_uuid):
+            raise _bad("backupStorageUuid and destination.backupStorageUuid disagree")
+        if f"send:{img.uuid}" in st.busy:
+            raise errors.Conflict(f"image {img.uuid} is being migrated", code="STORAGE.1009")
+        self.store_usable(st, for_new=False)
+
+    @raw("PUT", BSU + "/image-streams/{imageUuid}",
+         summary="Receive a migrating image from another agent (agent to agent)")
+    async def receive_store_image(self: "StoragePlugin", request: web.Request) -> web.StreamResponse:
+        return await imagestore_migrate.receive(self, request)
 
     @raw("GET", "/v1/backup-storage/exports/{token}", auth=False,
          summary="An exported image (the token is the credential; Range requests work)")
