@@ -65,6 +65,9 @@ async def test_migrate_image_verified_and_listed(pair, http, tmp_path):
     assert reply["inventory"]["sha256"] == digest and reply["inventory"]["name"] == "big"
     blob = tmp_path / "B" / "blobs" / digest
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+    # zero blocks stay holes: at the import and through the stream (half of it is data)
+    for d in ("A", "B"):
+        assert os.stat(tmp_path / d / "blobs" / digest).st_blocks * 512 <= 33 * MIB, d
     status, got = await get(http, dst, f"{BS}/{b}/images/{im}")
     assert status == 200 and got["inventory"]["size"] == 64 * MIB
     # the source keeps its image; a second migration of the same uuid is refused

@@ -220,7 +220,8 @@ class ImageStoreRoutes:
             norm = nfs.check_dir_path(path, what)
         except nfs.BadInput as e:
             raise _bad(str(e)) from None
-        if norm in TOP_DIRS or any(norm == d or norm.startswith(d + "/") for d in SYSTEM_DIRS):
+        system = any(norm == d or norm.startswith(d + "/") for d in SYSTEM_DIRS)
+        if norm in TOP_DIRS or (system and not norm.startswith("/dev/shm/")):   # a tmpfs is fine
             raise _bad(f"{what} {norm} is a system directory")
         state = os.path.normpath(str(self.agent.state_dir))
         if norm == state or norm.startswith(state + "/") or state.startswith(norm + "/"):
@@ -592,7 +593,7 @@ class ImageStoreRoutes:
         fetcher = imagecache.Fetcher(st.root, temp_name(f"{BLOBS}/{iu}", self.tag), params.url,
                                      "sha256", stall=self.conf.download_stall_seconds,
                                      ca_file=self.conf.tls_ca_file,
-                                     extra_algs=("md5",), local_file=local)
+                                     extra_algs=("md5",), local_file=local, sparse=True)
         last = [0.0]
 
         def progress(done: int, total: int | None) -> None:
@@ -623,7 +624,8 @@ class ImageStoreRoutes:
                     await fetcher.commit(blob_path(sha))
                 row = StoreImage(bs_uuid=st.uuid, uuid=iu, name=params.name, sha256=sha,
                                  format=fmt, size=int(infos[0].get("virtual-size") or report["bytes"]),
-                                 actual_size=int(report["bytes"]), url=params.url, md5=md5,
+                                 actual_size=int(infos[0].get("actual-size") or report["bytes"]),
+                                 url=params.url, md5=md5,
                                  description=params.description)
                 await self.isdb.save_image(row)
         except BaseException:
