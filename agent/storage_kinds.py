@@ -57,6 +57,9 @@ class StorageKind:
     check_delete: Callable[["DeleteStorageQuery", str], Awaitable[None]] | None = None
     actions: dict[str, KindAction] = field(default_factory=dict)
     available: Callable[[], str | None] = lambda: None    # why the kind cannot answer now, or None
+    # backup kinds: take an image from an http(s) URL (another kind of this node exports it):
+    # import_image(job, uuid, {"url", "imageUuid", "name", "sha256", "md5"}) -> its reply
+    import_image: Callable[[Any, str, dict[str, Any]], Awaitable[Any]] | None = None
 
 
 class StorageKinds:

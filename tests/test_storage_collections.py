@@ -76,3 +76,45 @@ async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http
     status, body = await get(http, cagent, "/v1/primary-storage")
     assert [i["uuid"] for i in body["inventories"]] == [lps]
     assert "coll-data" in c.ceph("osd", "pool", "ls")
+
+
+async def test_image_store_to_ceph_and_image_store_on_the_same_node(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
+    import hashlib
+    c = ceph_cluster
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": "cbs2", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs2"}})
+    assert status == 200, body
+    cbs = body["inventory"]["uuid"]
+    s1, s2 = uid(), uid()
+    for u, d in ((s1, "is1"), (s2, "is2")):
+        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
+        assert status == 200, body
+    src = tmp_path / "files"
+    src.mkdir()
+    data = bytes(range(256)) * 4096 * 4          # 4 MiB
+    (src / "img.raw").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    im = uid()
+    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
+                             {"params": {"imageUuid": im, "name": "x", "url": f"file://{src}/img.raw"}})
+    assert status == 200, body
+    # to Ceph backup storage: read from a one-off export of this agent, sha256 checked by Ceph
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
+    assert status == 200, body
+    status, body = await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}")
+    assert status == 200 and body["inventory"]["size"] == len(data), body
+    # to another image store of this node
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": s2}}})
+    assert status == 200 and body["inventory"]["sha256"] == sha, body
+    assert (tmp_path / "is2" / "blobs" / sha).read_bytes() == data
+    # the one-off exports are gone; the source keeps its image
+    assert (await get(http, cagent, f"/v1/backup-storage/{s1}/images/{im}"))[0] == 200
+    # refused before anything runs: itself, an unknown storage, no token with a url
+    for dest in ({"backupStorageUuid": s1}, {"backupStorageUuid": uid()},
+                 {"backupStorageUuid": s2, "url": "http://127.0.0.1:1"}):
+        status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                                    {"migrateImage": {"destination": dest}})
+        assert status in (400, 404), (dest, body)

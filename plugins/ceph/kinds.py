@@ -55,8 +55,22 @@ def _kind(p: "CephPlugin", kind: str, actions_path: str) -> StorageKind:
     def unavailable() -> str | None:
         return None if p.available else (p.unavailable_reason or "the ceph plugin is down")
 
-    actions = {r.action: _bind(p, r) for r in type(p).routes()
+    routes = type(p).routes()
+    actions = {r.action: _bind(p, r) for r in routes
                if r.kind == "action" and r.path == actions_path}
+    images = actions_path[:-len("/actions")] + "/images"
+    create = next((r for r in routes if r.kind == "create" and r.path == images), None)
+
+    async def import_image(job, uuid: str, img: dict[str, Any]) -> Any:
+        """An image of another kind of this node, by the URL it exports (sha256 checked)."""
+        params = create.params.model_validate({
+            "url": img["url"], "imageUuid": img.get("imageUuid"), "name": img.get("name"),
+            "checksum": f"sha256:{img['sha256']}" if img.get("sha256") else None})
+        if create.check is not None:
+            await create.check(p, params, uuid=uuid)
+        return await create.func(p, job, params, uuid=uuid)
+
     return StorageKind(category=kind, type="Ceph", plugin=p.name, uuids=uuids, inventory=inventory,
                        capacity=capacity, delete=delete, check_delete=check_delete,
-                       actions=actions, available=unavailable)
+                       actions=actions, available=unavailable,
+                       import_image=import_image if create is not None else None)

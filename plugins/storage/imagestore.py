@@ -709,6 +709,9 @@ class ImageStoreRoutes:
         st = self.get_store(uuid)
         img = await self._store_image(st, imageUuid)
         with self.busy(st, f"send:{img.uuid}"):
+            if params.destination.url is None:
+                return await imagestore_migrate.send_local(
+                    self, job, st, img, norm_uuid(params.destination.backup_storage_uuid))
             return await imagestore_migrate.send(self, job, st, img, params)
 
     @migrate_store_image.check
@@ -716,7 +719,18 @@ class ImageStoreRoutes:
         from . import migrate
         st = self.get_store(uuid)
         img = await self._store_image(st, imageUuid)
-        migrate.check_agent_url(params.destination.url)
+        dest = params.destination
+        if dest.url is not None:
+            migrate.check_agent_url(dest.url)
+            if not dest.token:
+                raise _bad("destination.token (the destination agent's API token) is required "
+                           "with destination.url")
+        else:
+            dst = norm_uuid(dest.backup_storage_uuid)
+            if dst == st.uuid:
+                raise _bad("the destination is the image's own image store")
+            if self.agent.storage_kinds.owner("backup", dst).import_image is None:
+                raise _bad(f"backup storage {dst} takes no images from another storage")
         if params.backup_storage_uuid and norm_uuid(params.backup_storage_uuid) != \
                 norm_uuid(params.destination.backup_storage_uuid):
             raise _bad("backupStorageUuid and destination.backupStorageUuid disagree")
@@ -754,8 +768,15 @@ def kind(p: "StoragePlugin") -> StorageKind:
     def unavailable() -> str | None:
         return None if p.available else (p.unavailable_reason or "the storage plugin is down")
 
+    async def import_image(job, uuid: str, img: dict[str, Any]) -> Any:
+        params = AddStoreImage(url=img["url"], image_uuid=img.get("imageUuid"),
+                               name=img.get("name") or "", sha256=img.get("sha256"),
+                               md5sum=img.get("md5"))
+        await p._add_store_image_check(params, uuid)
+        return await p.add_store_image(job, params, uuid)
+
     return StorageKind(
-        category=BACKUP, type=IMAGE_STORE, plugin=p.name, uuids=lambda: list(p.image_stores),
+        category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name, uuids=lambda: list(p.image_stores),
         inventory=lambda u: p.store_inventory(p.get_store(u)), capacity=p.store_capacity,
         delete=p.store_delete, check_delete=p.store_delete_check, available=unavailable,
         actions={

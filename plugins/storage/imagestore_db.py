@@ -164,5 +164,8 @@ class ImageStoreDb:
                               (bs_uuid, image_uuid))
         return len(before)
 
+    async def delete_export(self, token_hash: str) -> None:
+        await self.db.execute("DELETE FROM imagestore_exports WHERE token_hash=?", (token_hash,))
+
     async def expire_exports(self, now: float) -> None:
         await self.db.execute("DELETE FROM imagestore_exports WHERE expires<?", (now,))

@@ -14,8 +14,11 @@ wanted).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -23,6 +26,7 @@ from pydantic import Field
 
 from agent import errors
 from agent.models import WireModel
+from agent.storage_kinds import BACKUP
 
 from . import migrate
 from .imagestore_db import StoreImage, blob_path
@@ -37,8 +41,11 @@ IMAGE_STORE = "ImageStoreBackupStorage"
 
 
 class ImageDestination(WireModel):
-    url: str = Field(max_length=2048, description="the destination agent, e.g. https://node2:7070")
-    token: str = Field(min_length=1, max_length=4096, description="the destination agent's API token")
+    url: str | None = Field(None, max_length=2048, description="the destination agent, e.g. "
+                            "https://node2:7070; absent: a backup storage of this node (an image "
+                            "store or Ceph)")
+    token: str | None = Field(None, min_length=1, max_length=4096,
+                              description="the destination agent's API token (with url)")
     backup_storage_uuid: str = Field(pattern=UUID_RE)
     tls_verify: bool = True
 
@@ -89,6 +96,27 @@ async def send(plugin: "StoragePlugin", job, st: "Storage", img: StoreImage,
                                         dest.token, dest.tls_verify, headers, f"image {img.uuid}")
     finally:
         plugin.sender_spare.prime_soon()
+
+
+async def send_local(plugin: "StoragePlugin", job, st: "Storage", img: StoreImage,
+                     dst: str) -> Any:
+    """To another backup storage of this node (any kind that imports from a URL, Ceph
+    included, found in the core's registry): it reads the image from a one-off export URL
+    of this agent, checks the sha256, and the export is revoked at the end."""
+    kind = plugin.agent.storage_kinds.owner(BACKUP, dst)
+    if kind.import_image is None:
+        raise errors.BadRequest(f"{kind.type} backup storage {dst} takes no images from another "
+                                "storage", code="STORAGE.1001")
+    token = secrets.token_urlsafe(32)
+    token_hash = hashlib.sha256(token.encode()).hexdigest()
+    await plugin.isdb.add_export(token_hash, st.uuid, img.uuid, time.time() + 24 * 3600)
+    try:
+        job.progress(0, f"copying into {kind.type} backup storage {dst}")
+        return await kind.import_image(job, dst, {
+            "url": f"{plugin._export_base()}/v1/backup-storage/exports/{token}",
+            "imageUuid": img.uuid, "name": img.name, "sha256": img.sha256, "md5": img.md5})
+    finally:
+        await plugin.isdb.delete_export(token_hash)
 
 
 async def receive(plugin: "StoragePlugin", request: web.Request) -> web.StreamResponse:
