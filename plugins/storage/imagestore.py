@@ -593,7 +593,8 @@ class ImageStoreRoutes:
         fetcher = imagecache.Fetcher(st.root, temp_name(f"{BLOBS}/{iu}", self.tag), params.url,
                                      "sha256", stall=self.conf.download_stall_seconds,
                                      ca_file=self.conf.tls_ca_file,
-                                     extra_algs=("md5",), local_file=local, sparse=True)
+                                     extra_algs=("md5",) if want_md5 else (), local_file=local,
+                                     sparse=True)
         last = [0.0]
 
         def progress(done: int, total: int | None) -> None:
