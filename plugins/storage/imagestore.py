@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import time
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, Literal
@@ -275,6 +276,7 @@ class ImageStoreRoutes:
             if st.conn_lock.locked():
                 continue
             try:
+                await self.isdb.expire_exports(time.time())
                 async with st.conn_lock:
                     await self._store_probe(st)
             except asyncio.CancelledError:
@@ -668,11 +670,16 @@ class ImageStoreRoutes:
             raise errors.Conflict(f"image {img.uuid} is busy", code="STORAGE.1009")
 
     # -- export --------------------------------------------------------------------------------------
-    def _export_base(self: "StoragePlugin", request_host: str | None = None) -> str:
+    def _export_base(self: "StoragePlugin", local: bool = False) -> str:
+        """[storage] export_base_url, else the address the agent listens on (its host name
+        when it listens on every address; for this node itself, loopback)."""
+        if self.conf.export_base_url and not local:
+            return self.conf.export_base_url.rstrip("/")
         s = self.agent.config.server
         scheme = "https" if s.tls_cert else "http"
-        host = s.host if s.host not in ("0.0.0.0", "::", "") else (request_host or "127.0.0.1")
-        return f"{scheme}://{host}:{s.port}"
+        host = s.host if s.host not in ("0.0.0.0", "::", "") else \
+            ("127.0.0.1" if local else socket.getfqdn())
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{s.port}"
 
     @action(IMG + "/actions", "exportImageFromBackupStorage", params=ExportParams, result=ExportReply)
     async def export_store_image(self: "StoragePlugin", job, params: ExportParams, uuid: str,

@@ -113,7 +113,7 @@ async def send_local(plugin: "StoragePlugin", job, st: "Storage", img: StoreImag
     try:
         job.progress(0, f"copying into {kind.type} backup storage {dst}")
         return await kind.import_image(job, dst, {
-            "url": f"{plugin._export_base()}/v1/backup-storage/exports/{token}",
+            "url": f"{plugin._export_base(local=True)}/v1/backup-storage/exports/{token}",
             "imageUuid": img.uuid, "name": img.name, "sha256": img.sha256, "md5": img.md5})
     finally:
         await plugin.isdb.delete_export(token_hash)
