@@ -30,6 +30,7 @@ from agent.storage_kinds import BACKUP
 
 from . import migrate
 from .imagestore_db import StoreImage, blob_path
+from .imagestore_models import IMAGE_STORE
 from .models import UUID_RE
 from .writer import Writer, temp_name
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from . import Storage, StoragePlugin
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-IMAGE_STORE = "ImageStoreBackupStorage"
 
 
 class ImageDestination(WireModel):
