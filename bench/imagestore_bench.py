@@ -229,9 +229,9 @@ async def bench_migration(base: Path, rounds: int) -> list[str]:
     for k, v in res.items():
         lines.append(f"| {k} | {med[k]:.2f} | {rate(GIB, med[k]):.0f} | {' / '.join(f'{x:.2f}' for x in v)} | "
                      f"{med['floor'] / med[k]:.2f}x | {statistics.median(cpu[k]):.2f} |")
+    lines.append("")
     for k in ("image", "volume"):
         r = med["floor"] / med[k]
-        lines.append("")
         lines.append(f"- {k} migration vs the floor: **{r:.2f}x** (target >= 0.9: "
                      f"{'met' if r >= 0.9 else '**MISSED**'})")
     lines.append(f"- image vs volume migration of the same 1 GiB half-holes file: "
