@@ -15,6 +15,7 @@ from .jobs import JobManager
 from .metrics import Metrics
 from .outbox import Outbox
 from .runner import Runner
+from .storage_kinds import StorageKinds
 
 
 class AgentContext:
@@ -34,6 +35,8 @@ class AgentContext:
         self.node_uuid = ""
         self.fingerprint_key = b""
         self._libvirt = None
+        # the storage kinds of every plugin, served as one collection per category
+        self.storage_kinds = StorageKinds()
 
     def libvirt(self):
         """The libvirt connection shared by the plugins that need one (see libvirt_conn)."""

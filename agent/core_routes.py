@@ -14,6 +14,7 @@ from . import errors
 from .jobs import RUNNING, SUCCEEDED
 from .models import WireModel
 from .plugin import Plugin, delete, get, query, raw
+from .storage_kinds import StorageCollectionRoutes
 
 SSE_HEARTBEAT = 15.0
 
@@ -62,7 +63,7 @@ class JobCancelled(WireModel):
     inventory: JobInventory
 
 
-class CorePlugin(Plugin):
+class CorePlugin(StorageCollectionRoutes, Plugin):
     name = "core"
 
     def __init__(self, agent, settings) -> None:

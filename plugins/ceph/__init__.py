@@ -43,7 +43,7 @@ from agent.plugin import Plugin, action, create, delete, get, query, raw
 from agent.runner import Runner
 from agent.validation import full_match
 
-from . import backup, cluster, health, mons, pools, rbdvols
+from . import backup, cluster, health, kinds, mons, pools, rbdvols
 from .cluster import (AccessDenied, ClusterDown, Connection, Endpoint, FsidMismatch, Registry,
                       Timeouts, Unreachable, bad, conflict, failed, mon_host_option, not_found,
                       parse_mon_url, translate)
@@ -116,6 +116,8 @@ class CephPlugin(Plugin):
         self.live: dict[str, dict[str, Any]] = defaultdict(dict)   # uuid -> last check
         self.locks: dict[Any, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.checker = health.HealthChecker(self, self.conf.health_interval)
+        # served in the core's /v1/{primary,backup}-storage collections too
+        kinds.register(self, PSU + "/actions", BSU + "/actions")
         import_error = cluster.import_error()
         if import_error:
             self.set_available(False, "the rados/rbd Python bindings cannot be imported "

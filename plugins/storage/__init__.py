@@ -33,9 +33,10 @@ from agent import errors, paths
 from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
-from . import imagecache, migrate, nfs, volumes
+from . import imagecache, imagestore, kinds, migrate, nfs, volumes
 from .fsclient import FsError, FsHelper, StorageHung, helper_argv
 from .fsworker import Confinement, split_rel
+from .imagestore import ImageStoreRoutes
 from .models import (AddLocalPrimaryStorage, AddNfsPrimaryStorage, AddSmpPrimaryStorage,
                      Capacity, ChangePrimaryStorageState, CleanUpResult, CreateVolume, DeleteParams,
                      DownloadImage, HostDiskCapacities, ImageCacheInventory, ImageCacheReply,
@@ -79,7 +80,7 @@ class Storage:
         return os.path.join(self.root, rel)
 
 
-class StoragePlugin(Plugin):
+class StoragePlugin(ImageStoreRoutes, Plugin):
     name = "storage"
     config_sections = {"storage": StorageSettings}
     max_threads = 4
@@ -94,6 +95,9 @@ class StoragePlugin(Plugin):
         # idle migration helpers, started ahead (see spares.py)
         self.sender_spare = Spare(migrate.spawn_sender)
         self.writer_spare = Spare(spawn_writer)
+        kinds.register(self, (LOCAL, NFS, SMP))
+        self.image_stores: dict[str, Storage] = {}     # image store backup storages
+        self.agent.storage_kinds.register(imagestore.kind(self))
 
     @property
     def conf(self) -> StorageSettings:
@@ -107,6 +111,7 @@ class StoragePlugin(Plugin):
     # --- life cycle ------------------------------------------------------------------------------
     async def lifecycle(self):
         await self.registry.open()
+        await self.imagestore_open()
         for row in await self.registry.storages():
             try:     # the stored path is the resolved one: judged without touching the storage
                 paths.judge(row.mount_path, row.mount_path, self.agent.config.roots)
@@ -130,6 +135,7 @@ class StoragePlugin(Plugin):
                 t.cancel()
         for st in list(self.storages.values()):
             await self._stop(st)
+        await self.imagestore_close()
 
     def _make(self, row: StorageRow) -> Storage:
         c = self.conf
@@ -625,16 +631,6 @@ class StoragePlugin(Plugin):
         """GetPrimaryStorageTypes: the types this plugin serves."""
         return PrimaryStorageTypes(primary_storage_types=[LOCAL, NFS, SMP])
 
-    @query("/v1/primary-storage", model=PrimaryStorageInventory)
-    async def list_storage(self) -> list[dict[str, Any]]:
-        """QueryPrimaryStorage: from memory, never touching a storage (a hung one lists too)."""
-        return [st.row.inventory() for st in self.storages.values()]
-
-    @get("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}", result=PrimaryStorageReply)
-    async def get_storage_inventory(self, uuid: str) -> dict[str, Any]:
-        return {"inventory": self.get_storage(uuid).row.inventory()}
-
-    @get("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}/capacity", result=Capacity)
     async def get_capacity(self, uuid: str) -> dict[str, int]:
         """GetPrimaryStorageCapacity, read now (statvfs in the helper, with its timeout)."""
         st = self.get_storage(uuid)
@@ -650,9 +646,7 @@ class StoragePlugin(Plugin):
         host = target["hostUuid"] if target else self.agent.node_uuid
         return {"inventories": [{"hostUuid": host, **cap}]}
 
-    # --- actions -------------------------------------------------------------------------------------
-    @action("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}/actions", "reconnectPrimaryStorage", params=_Empty,
-            result=PrimaryStorageReply)
+    # --- the per-uuid calls (served by the core's collection routes, see kinds.py) ----------------
     async def reconnect(self, job, params, uuid: str) -> dict[str, Any]:
         """Remount (lazily unmounting a hung NFS first), re-check the claim, probe, capacity."""
         st = self.get_storage(uuid)
@@ -660,23 +654,17 @@ class StoragePlugin(Plugin):
             await self._connect(st, remount=True)
         return {"inventory": st.row.inventory()}
 
-    @reconnect.check
     async def _reconnect_check(self, params, uuid: str) -> None:
         self.get_storage(uuid)
 
-    @action("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}/actions", "syncPrimaryStorageCapacity", params=_Empty,
-            result=PrimaryStorageReply)
     async def sync_capacity(self, job, params, uuid: str) -> dict[str, Any]:
         st = self.get_storage(uuid)
         await self._capacity(st, save=True)
         return {"inventory": st.row.inventory()}
 
-    @sync_capacity.check
     async def _sync_check(self, params, uuid: str) -> None:
         self.get_storage(uuid)
 
-    @action("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}/actions", "changePrimaryStorageState",
-            params=ChangePrimaryStorageState, result=PrimaryStorageReply)
     async def change_state(self, job, params: ChangePrimaryStorageState, uuid: str) -> dict[str, Any]:
         """enable / disable / maintain: a storage that is not Enabled takes no new volumes."""
         st = self.get_storage(uuid)
@@ -684,12 +672,9 @@ class StoragePlugin(Plugin):
         await self.registry.save_storage(st.row)
         return {"inventory": st.row.inventory()}
 
-    @change_state.check
     async def _state_check(self, params, uuid: str) -> None:
         self.get_storage(uuid)
 
-    @action("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}/actions", "cleanUpImageCacheOnPrimaryStorage", params=_Empty,
-            result=CleanUpResult)
     async def clean_up_cache(self, job, params, uuid: str) -> dict[str, Any]:
         """Remove the cached images that no image on the storage has in its backing chain."""
         st = self.get_storage(uuid)
@@ -736,11 +721,9 @@ class StoragePlugin(Plugin):
             await self._capacity(st)
         return {"removedImageUuids": removed, "removedBytes": freed, "keptImageUuids": kept}
 
-    @clean_up_cache.check
     async def _cleanup_check(self, params, uuid: str) -> None:
         self.check_usable(self.get_storage(uuid), for_new=False)
 
-    @delete("/v1/primary-storage/{uuid:[0-9a-fA-F-]{32,36}}", params=DeleteParams)
     async def delete_storage(self, job, params, uuid: str) -> dict[str, Any]:
         """DeletePrimaryStorage: forget it and unmount NFS; no data is ever deleted."""
         st = self.get_storage(uuid)
@@ -763,7 +746,6 @@ class StoragePlugin(Plugin):
         await self.registry.delete_storage(st.uuid)
         return {}
 
-    @delete_storage.check
     async def _delete_check(self, params, uuid: str) -> None:
         st = self.get_storage(uuid)
         if st.busy:

@@ -68,9 +68,11 @@ class Fetcher:
     """
 
     def __init__(self, root: str, tmp_rel: str, url: str, alg: str, *, stall: float,
-                 ca_file: str | None) -> None:
+                 ca_file: str | None, extra_algs: tuple[str, ...] = (),
+                 local_file: str | None = None, sparse: bool = False) -> None:
         self.root, self.tmp_rel, self.url, self.alg = root, tmp_rel, url, alg
         self.stall, self.ca_file = stall, ca_file
+        self.extra_algs, self.local_file, self.sparse = extra_algs, local_file, sparse
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -79,7 +81,8 @@ class Fetcher:
 
     async def run(self, progress: Callable[[int, int | None], None], timeout: float) -> dict[str, Any]:
         cfg = {"root": self.root, "tmp": self.tmp_rel, "url": self.url, "alg": self.alg,
-               "cafile": self.ca_file, "timeout": self.stall, "parent": os.getpid()}
+               "cafile": self.ca_file, "timeout": self.stall, "parent": os.getpid(),
+               "extra_algs": list(self.extra_algs), "file": self.local_file, "sparse": self.sparse}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-S", STREAMIO, "fetch", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd="/",

@@ -50,6 +50,9 @@ class StorageSettings(WireModel):
     migration_stall_seconds: float = Field(120.0, gt=0)
     migration_checksum: Literal["xxh3_128", "sha256", "sha1", "sha512", "blake2b", "md5"] = "xxh3_128"
     tls_ca_file: str | None = Field(None, description="CA bundle for https downloads and migrations")
+    export_base_url: str | None = Field(None, pattern=r"^https?://[A-Za-z0-9.\[\]:-]+$",
+                                        description="base of image store export URLs, e.g. "
+                                                    "http://10.0.0.5:7070; else from [server]")
 
     @field_validator("nfs_mount_root", "tls_ca_file")
     @classmethod

@@ -157,7 +157,7 @@ class Registry:
             "name=excluded.name, description=excluded.description, state=excluded.state, "
             "status=excluded.status, status_reason=excluded.status_reason, "
             "capacity=excluded.capacity, updated=excluded.updated, extra=excluded.extra, "
-            "mount_options=excluded.mount_options",
+            "mount_options=excluded.mount_options, url=excluded.url, mount_path=excluded.mount_path",
             (s.uuid, s.type, s.name, s.description, s.zone_uuid, s.url, s.mount_path,
              s.mount_options, s.state, s.status, s.status_reason, json.dumps(s.capacity),
              s.created, s.updated, json.dumps(s.extra)))

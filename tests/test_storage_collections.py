@@ -1,0 +1,120 @@
+"""One primary and one backup storage collection across every kind (issue 12, item 1): a real
+micro Ceph cluster's primary and backup storages beside a local storage and an image store,
+listed, read, measured, acted on and deleted through /v1/{primary,backup}-storage/{uuid}."""
+
+from __future__ import annotations
+
+import pytest
+
+from ceph_fixture import ceph_cluster  # noqa: F401 (fixture)
+from conftest import submit
+from storage_helpers import add_storage, fast_storage, get, job, uid
+
+TIMEOUTS = {"mount_timeout": 3, "mon_op_timeout": 3, "osd_op_timeout": 8, "health_interval": 1}
+
+
+@pytest.fixture
+def cagent(agent_factory, ceph_cluster):  # noqa: F811
+    return agent_factory({"ceph": TIMEOUTS, **fast_storage()}, name="cagent").start()
+
+
+async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
+    c = ceph_cluster
+    status, body = await job(http, cagent, "POST", "/v1/primary-storage/ceph", {"params": {
+        "name": "cps", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key,
+        "rootVolumePoolName": "coll-root", "dataVolumePoolName": "coll-data",
+        "imageCachePoolName": "coll-cache"}})
+    assert status == 200, body
+    cps = body["inventory"]["uuid"]
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": "cbs", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs"}})
+    assert status == 200, body
+    cbs = body["inventory"]["uuid"]
+    lps, ibs = uid(), uid()
+    assert (await add_storage(http, cagent, "local", {"uuid": lps, "url": str(tmp_path / "ps")}))[0] == 200
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                             {"params": {"uuid": ibs, "url": str(tmp_path / "is")}})
+    assert status == 200, body
+
+    status, body = await get(http, cagent, "/v1/primary-storage")
+    assert status == 200 and {i["uuid"]: i["type"] for i in body["inventories"]} == \
+        {cps: "Ceph", lps: "LocalStorage"}
+    status, body = await get(http, cagent, "/v1/primary-storage", {"q": "type=Ceph"})
+    assert [i["uuid"] for i in body["inventories"]] == [cps]
+    ceph_row = body["inventories"][0]
+    assert ceph_row["url"].startswith("ceph://") and "fsid" in ceph_row and "mons" in ceph_row
+    status, body = await get(http, cagent, "/v1/backup-storage", {"q": "type=Ceph", "fields": "uuid,type"})
+    assert body["inventories"] == [{"uuid": cbs, "type": "Ceph"}]
+    status, body = await get(http, cagent, "/v1/backup-storage", {"count": "true"})
+    assert body == {"total": 2}
+
+    # per-uuid reads and actions reach the Ceph plugin through the shared paths
+    status, body = await get(http, cagent, f"/v1/primary-storage/{cps}")
+    assert status == 200 and body["inventory"]["type"] == "Ceph"
+    status, cap = await get(http, cagent, f"/v1/primary-storage/{cps}/capacity")
+    assert status == 200 and cap["totalCapacity"] > 0, cap
+    status, cap = await get(http, cagent, f"/v1/backup-storage/{cbs}/capacity")
+    assert status == 200 and cap["totalCapacity"] > 0, cap
+    status, body = await job(http, cagent, "PUT", f"/v1/primary-storage/{cps}/actions",
+                             {"reconnectPrimaryStorage": {}})
+    assert status == 200 and body["inventory"]["uuid"] == cps, body
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{cbs}/actions",
+                             {"reconnectBackupStorage": {}})
+    assert status == 200, body
+    # an action Ceph does not have: 400 naming what it has
+    status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/{cbs}/actions",
+                                {"reclaimSpaceFromImageStore": {}})
+    assert status == 400 and "reconnectBackupStorage" in body["error"]["description"], body
+    # the kind-specific paths still work
+    assert (await get(http, cagent, f"/v1/primary-storage/ceph/{cps}"))[0] == 200
+    # delete through the shared path (the cluster's pools stay)
+    status, body = await job(http, cagent, "DELETE", f"/v1/backup-storage/{cbs}")
+    assert status == 200, body
+    status, body = await job(http, cagent, "DELETE", f"/v1/primary-storage/{cps}")
+    assert status == 200, body
+    assert (await get(http, cagent, f"/v1/primary-storage/ceph/{cps}"))[0] == 404
+    status, body = await get(http, cagent, "/v1/primary-storage")
+    assert [i["uuid"] for i in body["inventories"]] == [lps]
+    assert "coll-data" in c.ceph("osd", "pool", "ls")
+
+
+async def test_image_store_to_ceph_and_image_store_on_the_same_node(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
+    import hashlib
+    c = ceph_cluster
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": "cbs2", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs2"}})
+    assert status == 200, body
+    cbs = body["inventory"]["uuid"]
+    s1, s2 = uid(), uid()
+    for u, d in ((s1, "is1"), (s2, "is2")):
+        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
+        assert status == 200, body
+    src = tmp_path / "files"
+    src.mkdir()
+    data = bytes(range(256)) * 4096 * 4          # 4 MiB
+    (src / "img.raw").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    im = uid()
+    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
+                             {"params": {"imageUuid": im, "name": "x", "url": f"file://{src}/img.raw"}})
+    assert status == 200, body
+    # to Ceph backup storage: read from a one-off export of this agent, sha256 checked by Ceph
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
+    assert status == 200, body
+    status, body = await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}")
+    assert status == 200 and body["inventory"]["size"] == len(data), body
+    # to another image store of this node
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": s2}}})
+    assert status == 200 and body["inventory"]["sha256"] == sha, body
+    assert (tmp_path / "is2" / "blobs" / sha).read_bytes() == data
+    # the one-off exports are gone; the source keeps its image
+    assert (await get(http, cagent, f"/v1/backup-storage/{s1}/images/{im}"))[0] == 200
+    # refused before anything runs: itself, an unknown storage, no token with a url
+    for dest in ({"backupStorageUuid": s1}, {"backupStorageUuid": uid()},
+                 {"backupStorageUuid": s2, "url": "http://127.0.0.1:1"}):
+        status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                                    {"migrateImage": {"destination": dest}})
+        assert status in (400, 404), (dest, body)
