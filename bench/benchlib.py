@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import subprocess
 from pathlib import Path
 
@@ -44,3 +47,18 @@ def fill_half_holes(path: Path, size: int) -> None:
         for off in range(0, size, 2 * MIB):
             f.seek(off)
             f.write(block)
+
+
+@contextlib.contextmanager
+def own_tmpfs(prefix: str):
+    """A tmpfs of the benchmark's own under /tmp (like /dev/shm, which is under /dev, where
+    no allowed root may lie): mounted, yielded, emptied and unmounted."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", prefix.rstrip("-"), str(base)],
+                   check=True)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["umount", "-l", str(base)], check=False)
+        os.rmdir(base)

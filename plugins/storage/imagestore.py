@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from yarl import URL
 
-from agent import errors
+from agent import errors, paths
 from agent.jobs import iso
 from agent.models import Empty
 from agent.plugin import action, create, delete, get, query, raw
@@ -57,11 +57,6 @@ BSU = "/v1/backup-storage/{uuid:[0-9a-fA-F-]{32,36}}"
 IMG = BSU + "/images/{imageUuid:[0-9a-fA-F-]{32,36}}"
 BLOBS = "blobs"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# Never a store, nor under one: the system's own directories.
-SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
-               "/run", "/sbin", "/sys", "/usr")
-# Never a store themselves (a store below them is fine).
-TOP_DIRS = ("/home", "/var", "/tmp", "/root", "/srv", "/opt", "/mnt", "/media", "/var/lib")
 
 
 def _no_control(v: str | None, what: str) -> None:
@@ -82,16 +77,14 @@ class ImageStoreRoutes:
 
     # -- the path rule: one seam (agent/paths.py's allowed roots take its place) --------------------
     async def confine_dir(self: "StoragePlugin", path: str, what: str) -> str:
-        """A directory path a store may use: absolute, normalized, plain characters, not a
-        system directory, and no symlink on the way (its deepest existing ancestor resolves
-        to itself).  Raises a 400."""
+        """A directory path a store may use: the core's path rule (agent/paths.py: under
+        [storage] allowed_roots, never a protected directory), and no symlink on the way
+        (its deepest existing ancestor resolves to itself, read by a helper process so a
+        hung filesystem costs a process).  Raises a 400."""
         try:
             norm = nfs.check_dir_path(path, what)
         except nfs.BadInput as e:
             raise _bad(str(e)) from None
-        system = any(norm == d or norm.startswith(d + "/") for d in SYSTEM_DIRS)
-        if norm in TOP_DIRS or (system and not norm.startswith("/dev/shm/")):   # a tmpfs is fine
-            raise _bad(f"{what} {norm} is a system directory")
         state = os.path.normpath(str(self.agent.state_dir))
         if norm == state or norm.startswith(state + "/") or state.startswith(norm + "/"):
             raise _bad(f"{what} {norm} overlaps the agent's state directory")
@@ -111,7 +104,7 @@ class ImageStoreRoutes:
                 raise _bad(f"{what} {norm}: {cur} is a symlink (to {info['realpath']}); "
                            "give the real path")
             break
-        return norm
+        return str(paths.judge(norm, norm, self.agent.config.roots, what=what))
 
     # -- life cycle ----------------------------------------------------------------------------
     async def imagestore_open(self: "StoragePlugin") -> None:
