@@ -122,9 +122,9 @@ async def test_timeout_while_flooding_output(runner):
     assert time.monotonic() - t0 < 1.0
 
 
-async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
-    # A double fork + setsid leaves sleep 103 outside the tree, still holding
-    # stdout: the run must still end (after the reap grace), not hang.
+async def test_timeout_kills_escaped_pipe_holder(runner, tmp_path):
+    # A double fork + setsid takes sleep 103 out of the group and the parentage,
+    # still holding stdout: the job guard (a subreaper) adopts it, so it dies too.
     pidfile = tmp_path / "pid"
     t0 = time.monotonic()
     try:
@@ -133,9 +133,11 @@ async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
                                             "sleep 30"], timeout=0.3)
         assert time.monotonic() - t0 < 2.0
         assert runner.stats()["processesRunning"] == 0
+        assert await _all_gone(await _read_pids(pidfile, 1))
     finally:
         for pid in await _read_pids(pidfile, 1):
-            os.kill(pid, 9)
+            if not process_gone(pid):
+                os.kill(pid, 9)
 
 
 async def test_cancel_kills_tree(runner, tmp_path):
@@ -264,3 +266,84 @@ async def test_close_kills_live_trees(tmp_path):
     assert res.returncode == -9
     assert await _all_gone(pids), pids
 
+
+
+async def test_signal_death_and_missing_command(runner):
+    # The job guard passes the command's end through unchanged.
+    res = await runner.run(["sh", "-c", "kill -TERM $$"], timeout=5)
+    assert res.returncode == -15
+    res = await runner.run(["/nonexistent/cmd"], timeout=5)
+    assert res.returncode == 127 and b"cannot execute /nonexistent/cmd" in res.stderr
+
+
+async def test_unread_input_does_not_block(runner):
+    # The guard must not hold stdin open: a child that never reads ends the run.
+    res = await runner.run(["true"], input=b"x" * (4 << 20), timeout=5)
+    assert res.returncode == 0
+
+
+async def test_background_child_output_is_waited_for(runner):
+    res = await runner.run(["bash", "-c", "(sleep 0.3; echo late) &"], timeout=5)
+    assert (res.returncode, res.stdout) == (0, b"late\n")
+
+
+_FAKE_AGENT = """
+import asyncio, sys
+from agent.runner import Runner
+async def main():
+    await Runner("t").run(["bash", "-c", sys.argv[1]], timeout=60)
+asyncio.run(main())
+"""
+
+
+async def test_tree_dies_with_its_agent(tmp_path):
+    # An agent killed with -9 cannot kill anything: the guard must, for the
+    # script, its background grandchild and one that setsid'd away.
+    marker, pidfile = tmp_path / "marker", tmp_path / "pids"
+    script = (f"(sleep 1.5; touch {marker}) & echo $! >> {pidfile}; "
+              f"setsid bash -c 'sleep 1.5; touch {marker}' & echo $! >> {pidfile}; "
+              f"echo $$ >> {pidfile}; sleep 1.5; touch {marker}")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FAKE_AGENT, script,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        pids = await _read_pids(pidfile, 3)
+        agent.kill()
+        await agent.wait()
+        assert await _all_gone(pids), pids
+        await asyncio.sleep(2.0)
+        assert not marker.exists()
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+
+
+async def test_leftover_needs_the_recorded_start_time(tmp_path):
+    # A pid cannot be made to be reused on demand; what protects a reused pid is
+    # the start-time check, tested here on a real live process.
+    from agent.db import Database
+    from agent.runner import LEDGER_SCHEMA, ProcessLedger, start_time
+    import subprocess
+    lookalike = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    leftover = subprocess.Popen(["bash", "-c", "sleep 31 & wait"], start_new_session=True)
+    db = Database(tmp_path / "state.db")
+    await db.open()
+    try:
+        await db.migrate(LEDGER_SCHEMA)
+        await db.execute("INSERT INTO job_processes VALUES(?,?,?,?)",
+                         (lookalike.pid, start_time(lookalike.pid) - 3.0, "t", "sleep"))
+        await db.execute("INSERT INTO job_processes VALUES(?,?,?,?)",
+                         (leftover.pid, start_time(leftover.pid), "t", "bash"))
+        await asyncio.sleep(0.1)   # the bash's sleep has started
+        [grandchild] = [int(p) for p in open(f"/proc/{leftover.pid}/task/{leftover.pid}/children").read().split()]
+        killed = await ProcessLedger().open(db, time.time())
+        assert sorted(killed) == sorted([leftover.pid, grandchild])
+        assert leftover.wait(2) == -9
+        assert await _all_gone([grandchild])
+        assert lookalike.poll() is None, "a process with another start time was killed"
+        assert await db.fetchall("SELECT * FROM job_processes") == []
+    finally:
+        await db.close()
+        for p in (lookalike, leftover):
+            p.kill()
+            p.wait()
