@@ -97,3 +97,4 @@ async def test_restart_kills_a_leftover_recorded_in_state(agent, http, tmp_path)
     assert not marker.exists()
     status, body = await wait_job(http, agent, reply["location"], timeout=5)
     assert body["error"]["code"] == "JOB.1001", body
+
