@@ -347,3 +347,15 @@ async def test_leftover_needs_the_recorded_start_time(tmp_path):
         for p in (lookalike, leftover):
             p.kill()
             p.wait()
+
+
+def test_host_load_reads_this_host():
+    from agent.metrics import read_host_load
+    load = read_host_load()
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert load["mem_total"] == total and 0 < load["mem_available"] <= total
+    with open("/proc/stat") as f:
+        idle = int(f.readline().split()[4]) / os.sysconf("SC_CLK_TCK")
+    assert idle <= load["cpu_idle"] < idle + 5
+    assert load["load1"] == pytest.approx(os.getloadavg()[0], abs=5)

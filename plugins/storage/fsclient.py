@@ -177,9 +177,9 @@ class FsHelper:
 
 
 def _alive(pid: int) -> bool:
+    """Running, or stuck in the kernel: anything but gone or a zombie."""
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
