@@ -134,6 +134,9 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
         stdin.close()
 
 
+# The job whose task is running (set by JobManager): its subprocesses run guarded.
+IN_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("node_agent_job", default=None)
+
 JOBGUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jobguard.py")
 
 
@@ -186,6 +189,7 @@ class Runner:
                                         thread_name_prefix=f"runner-{name}")
         self._procs = asyncio.Semaphore(max_processes)
         self._live: dict[int, asyncio.subprocess.Process] = {}
+        self._guarded: set[int] = set()
         self._busy = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -222,12 +226,18 @@ class Runner:
 
     async def run(self, argv: list[str], *, timeout: float, input: bytes | None = None,
                   max_output: int = 1 << 20, env: dict | None = None, cwd: str | None = None,
-                  check: bool = False) -> ProcessResult:
+                  check: bool = False, guard: bool | None = None) -> ProcessResult:
         """Run argv (never a shell string) with a timeout covering the wait for a slot.
 
         env, if given, replaces the environment.  On timeout or cancellation the
         whole process tree is killed and reaped before Timeout / CancelledError.
+        guard: run under the job guard, so the tree dies with the agent (see
+        jobguard.py); by default a job's subprocesses are, and the short commands
+        of a read (an ``ip addr`` of GET /v1/host) are not: the guard's start
+        (a ``python -S``, ~25 ms) would be most of their time.
         """
+        if guard is None:
+            guard = IN_JOB.get() is not None
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a list of arguments, not a shell string")
         argv = [os.fspath(a) for a in argv]
@@ -238,7 +248,7 @@ class Runner:
         try:
             async with asyncio.timeout(timeout):
                 async with self._procs:
-                    result = await self._spawn(argv, input, max_output, env, cwd)
+                    result = await self._spawn(argv, input, max_output, env, cwd, guard)
         except TimeoutError:
             raise Timeout(f"runner {self.name}: {argv[0]} did not finish within "
                           f"{timeout:g} s; its process tree was killed") from None
@@ -249,14 +259,17 @@ class Runner:
         return result
 
     async def _spawn(self, argv: list[str], input: bytes | None, max_output: int,
-                     env: dict | None, cwd: str | None) -> ProcessResult:
+                     env: dict | None, cwd: str | None, guard: bool) -> ProcessResult:
         start = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            *guarded(argv), env=env, cwd=cwd, start_new_session=True,  # own group: killable as one
+            *(guarded(argv) if guard else argv), env=env, cwd=cwd,
+            start_new_session=True,  # own group: killable as one
             stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         self._live[proc.pid] = proc
-        LEDGER.add(proc.pid, self.name, argv[0])
+        if guard:
+            self._guarded.add(proc.pid)
+            LEDGER.add(proc.pid, self.name, argv[0])
         tasks = [asyncio.ensure_future(_read_capped(proc.stdout, max_output)),
                  asyncio.ensure_future(_read_capped(proc.stderr, max_output))]
         if input is not None:
@@ -270,15 +283,24 @@ class Runner:
             # it ends in a timeout that kills the grandchild too.
             rc = await proc.wait()
         except BaseException:  # timeout (a cancel from asyncio.timeout) or cancellation
-            end_guarded(proc.pid)
+            self._end(proc.pid)
             # Shielded so a second cancel cannot leave the pipes and the process behind.
             await asyncio.shield(_reap(proc, tasks))
             raise
         finally:
             self._live.pop(proc.pid, None)
-            if proc.returncode is not None:
-                LEDGER.remove(proc.pid)
+            if guard:
+                self._guarded.discard(proc.pid)
+                if proc.returncode is not None:
+                    LEDGER.remove(proc.pid)
         return ProcessResult(argv, rc, out, err, out_cut, err_cut, time.monotonic() - start)
+
+    def _end(self, pid: int) -> None:
+        """A guard is told to end its tree (and reap it); an unguarded tree is killed here."""
+        if pid in self._guarded:
+            end_guarded(pid)
+        else:
+            kill_tree(pid)
 
     def stats(self) -> dict:
         return {"name": self.name, "threadsBusy": self._busy,
@@ -291,7 +313,7 @@ class Runner:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in list(self._live.values()):
             if proc.returncode is None:
-                end_guarded(proc.pid)
+                self._end(proc.pid)
                 # Its run() waits for the pipes: bound that wait as the kill path does.
                 try:
                     asyncio.get_running_loop().call_later(_REAP_GRACE, _force_end, proc)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import process_gone, submit, wait_job
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(90)
 
 
 async def _pids(path, count: int, within: float = 10.0) -> list[int]:
@@ -74,8 +74,10 @@ async def test_restart_kills_a_leftover_recorded_in_state(agent, http, tmp_path)
     # The guard itself is killed with the agent (as an OOM kill of both would):
     # nothing is left to end the script but the next agent on this state dir.
     pidfile, marker = tmp_path / "pids", tmp_path / "marker"
+    delay = 20.0     # longer than a restart takes on a loaded machine
+    t0 = time.monotonic()
     status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
-                                 {"kvmRunShell": {"script": _script(pidfile, marker, 8)}})
+                                 {"kvmRunShell": {"script": _script(pidfile, marker, delay)}})
     assert status == 202, reply
     shell, child = await _pids(pidfile, 2)
     guard = _ppid(shell)
@@ -90,10 +92,11 @@ async def test_restart_kills_a_leftover_recorded_in_state(agent, http, tmp_path)
     agent.start()
     # Killed before the agent answered its first request.
     assert await _all_gone([shell, child], 0.2), "a leftover job process survived the restart"
-    assert "left running by the previous agent" in agent.log()
+    assert "left running by the previous agent" in agent.log(), agent.log()[-3000:]
     with sqlite3.connect(agent.state_dir / "state.db") as db:
         assert db.execute("SELECT COUNT(*) FROM job_processes").fetchone()[0] == 0
-    await asyncio.sleep(8.5)
+    assert time.monotonic() - t0 < delay, "the restart took longer than the script's sleep"
+    await asyncio.sleep(delay + 0.5 - (time.monotonic() - t0))
     assert not marker.exists()
     status, body = await wait_job(http, agent, reply["location"], timeout=5)
     assert body["error"]["code"] == "JOB.1001", body
