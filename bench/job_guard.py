@@ -30,14 +30,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import REPO, cpu_model, git_head  # noqa: E402
-import agent.runner as runner_mod  # noqa: E402
 from agent.runner import Runner  # noqa: E402
 
 AGENT = """
 import asyncio, sys
 sys.path.insert(0, sys.argv[2])
 from agent.runner import Runner
-asyncio.run(Runner("b").run(["bash", "-c", sys.argv[1]], timeout=600))
+asyncio.run(Runner("b").run(["bash", "-c", sys.argv[1]], timeout=600, guard=True))
 """
 
 
@@ -52,17 +51,14 @@ def _gone(pid: int) -> bool:
 
 async def spawn_costs(runs: int) -> dict[str, list[float]]:
     r = Runner("bench", max_processes=1)
-    guarded = runner_mod.guarded
     out: dict[str, list[float]] = {"direct": [], "guarded": []}
     try:
         for _ in range(runs):
             for name in ("direct", "guarded"):
-                runner_mod.guarded = (lambda argv: argv) if name == "direct" else guarded
                 t = time.perf_counter()
-                await r.run(["true"], timeout=10)
+                await r.run(["true"], timeout=10, guard=name == "guarded")
                 out[name].append(time.perf_counter() - t)
     finally:
-        runner_mod.guarded = guarded
         r.close()
     return out
 
