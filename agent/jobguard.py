@@ -3,7 +3,8 @@
     python -S jobguard.py <agent pid> <command> [args...]
 
 Started by the agent in a new session; it runs the command as its child and
-stays until the command *and everything it spawned* are gone.  It is a child
+stays until the command has exited and nothing it spawned holds the job's
+output any more (what the agent waits for too).  It is a child
 subreaper (PR_SET_CHILD_SUBREAPER): a grandchild whose parent exits, even one
 that double-forked and setsid'd away, is re-parented to the guard instead of
 init, so the whole tree stays below it.  It watches the agent with a pidfd,
@@ -24,6 +25,7 @@ import ctypes
 import errno
 import os
 import select
+import stat
 import _signal as signal   # the C module: signal.py would import enum (startup time)
 import sys
 import time
@@ -56,6 +58,34 @@ def _descendants() -> set[int]:
             found.add(p)
             stack += _children(p)
     return found
+
+
+def _pipe_inodes() -> set[int]:
+    """The pipes of our stdout and stderr: the agent reads the job's output from them."""
+    found = set()
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode):
+            found.add(st.st_ino)
+    return found
+
+
+def _holds_pipe(pid: int, pipes: set[int]) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("pipe:[") and int(link[6:-1]) in pipes:
+            return True
+    return False
 
 
 def _kill_all() -> None:
@@ -135,16 +165,24 @@ def main() -> None:
         sys.stderr.write(f"jobguard: cannot execute {argv[0]}: {os.strerror(code)}\n")
     # The command owns stdin/stdout/stderr: holding them would keep a writer
     # blocked on a full stdin pipe, or the agent's readers from seeing EOF.
+    pipes = _pipe_inodes()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
 
+    # The job lasts while the command runs and while anything it started holds its
+    # output (the agent waits for EOF too).  A daemon it started that let go of
+    # the output (mount.nfs starting rpc.statd) is not the job's: once the command
+    # has exited, the guard leaves it (to init) instead of waiting for it.
     status = None
     while True:
         if terminate:
             _die()
+        if status is not None and not any(_holds_pipe(p, pipes) for p in _descendants()):
+            _exit_like(status)
         try:
-            ready, _, _ = select.select([agent, wake_r], [], [])
+            ready, _, _ = select.select([agent, wake_r], [], [],
+                                       None if status is None else 0.1)
         except InterruptedError:
             continue
         if agent in ready:

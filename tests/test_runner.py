@@ -395,3 +395,20 @@ def test_host_load_reads_this_host():
         idle = int(f.readline().split()[4]) / os.sysconf("SC_CLK_TCK")
     assert idle <= load["cpu_idle"] < idle + 5
     assert load["load1"] == pytest.approx(os.getloadavg()[0], abs=5)
+
+
+async def test_a_daemon_that_let_go_of_the_output_does_not_hold_the_job(runner, tmp_path):
+    # mount.nfs starting rpc.statd: the command ends, its daemon (output closed) stays.
+    pidfile = tmp_path / "pid"
+    t0 = time.monotonic()
+    res = await runner.run(["bash", "-c", f"setsid sleep 30 </dev/null >/dev/null 2>&1 & "
+                                          f"echo $! > {pidfile}; echo done"], timeout=10)
+    try:
+        assert (res.returncode, res.stdout) == (0, b"done\n")
+        assert time.monotonic() - t0 < 2.0
+        [daemon] = await _read_pids(pidfile, 1)
+        assert not process_gone(daemon)
+    finally:
+        for pid in await _read_pids(pidfile, 1):
+            if not process_gone(pid):
+                os.kill(pid, 9)
