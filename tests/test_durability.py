@@ -434,7 +434,7 @@ async def test_sigterm_mid_job_is_failed_not_success(agent, http, tmp_path):
         assert await asyncio.to_thread(agent.stop) == 0
         assert time.monotonic() - t0 < 5
         # a graceful stop kills the job's process tree
-        await wait_for(lambda: not group_alive(pgid), 3, "the script killed on stop")
+        await wait_for(lambda: process_gone(pgid), 3, "the script killed on stop")
         agent.start()
 
         status, body = await poll(http, agent, job)
