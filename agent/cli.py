@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-async def _call(args: argparse.Namespace, config: Config) -> int:
+async def _call(args: argparse.Namespace, config: Config, view) -> int:
     from .client import AgentClient, AgentError, default_base_url, read_token
     body = None
     if args.json:
@@ -71,25 +71,40 @@ async def _call(args: argparse.Namespace, config: Config) -> int:
     token = read_token(config.token_file)
     async with AgentClient(url, token, ssl=False if args.insecure else None,
                            timeout=args.timeout) as client:
+        show = view is not None
         try:
-            result = await client.call(args.method.upper(), args.path, body, timeout=args.timeout)
+            result = await client.call(args.method.upper(), args.path, body, timeout=args.timeout,
+                                       on_submit=view.submitted if show else None,
+                                       on_progress=view.progress if show else None)
         except AgentError as e:
+            if show:
+                view.finish()
             print(f"node-agent call: {e}", file=sys.stderr)
             return 1
+    if show:
+        view.finish()
     print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    from .progress_view import JobProgressView
+    view = None if args.no_progress else JobProgressView(sys.stderr)
     try:
         config = _config_from(args)
-        return asyncio.run(_call(args, config))
+        return asyncio.run(_call(args, config, view))
     except ConfigError as e:
         print(f"node-agent: {e}", file=sys.stderr)
         return 2
     except (OSError, TimeoutError) as e:
+        if view is not None:
+            view.finish()
         print(f"node-agent call: cannot reach the agent: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if view is not None:
+            view.interrupted()
+        return 130
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -142,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--url", help="the agent's base URL (default from the config)")
     c.add_argument("--timeout", type=float, default=300.0)
     c.add_argument("--insecure", action="store_true", help="do not verify the agent's TLS certificate")
+    c.add_argument("--no-progress", action="store_true",
+                   help="do not show the job's uuid and progress on stderr")
     c.set_defaults(func=cmd_call)
 
     d = sub.add_parser("doctor", help="check this node and the agent, as an operator would")

@@ -16,13 +16,15 @@ import math
 import ssl as _ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from yarl import URL
 
 # The server bounds ?wait; 30 s keeps each poll well under proxies' idle limits.
 MAX_POLL_WAIT = 30
+# A caller that shows progress polls twice a second: a long-poll answers only at the end.
+PROGRESS_POLL_WAIT = 0.5
 
 
 class AgentError(Exception):
@@ -170,21 +172,26 @@ class AgentClient:
                               "details": None, "cause": None}}
         return status, data
 
-    async def wait(self, job_uuid: str, timeout: float = 300.0) -> dict:
+    async def wait(self, job_uuid: str, timeout: float = 300.0,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+        """The job's result; on_progress gets each running poll's progress object."""
         deadline = time.monotonic() + timeout
+        longest = MAX_POLL_WAIT if on_progress is None else PROGRESS_POLL_WAIT
         backoff = 0.1
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"job {job_uuid} not finished after {timeout:g} s")
             # Whole seconds: "?wait=N"; may overshoot the deadline by < 1 s.
-            asked = min(MAX_POLL_WAIT, math.ceil(remaining))
+            asked = min(longest, math.ceil(remaining))
             started = time.monotonic()
             status, body = await self.job(job_uuid, wait=asked)
             if status == 200:
                 return body
             if status in (404, 503):
                 raise AgentError.from_body(status, body, job_uuid=job_uuid)
+            if on_progress is not None and isinstance(body.get("progress"), dict):
+                on_progress(body["progress"])
             # 202.  If it came back well before the wait we asked for, the
             # server is not long-polling: back off rather than hammer it.
             if time.monotonic() - started < asked / 2:
@@ -192,11 +199,18 @@ class AgentClient:
                 backoff = min(backoff * 2, 2.0)
 
     async def call(self, method: str, path: str, body: dict | None = None, *,
-                   timeout: float = 300.0) -> dict:
-        """GET -> get() (body used as query params); other verbs -> submit + wait."""
+                   timeout: float = 300.0, on_submit: Callable[[str], None] | None = None,
+                   on_progress: Callable[[dict], None] | None = None) -> dict:
+        """GET -> get() (body used as query params); other verbs -> submit + wait.
+
+        on_submit gets the job's uuid as soon as it is known; on_progress, see wait().
+        """
         if method.upper() == "GET":
             return await self.get(path, body)
-        return await self.wait(await self.submit(method, path, body), timeout=timeout)
+        job_uuid = await self.submit(method, path, body)
+        if on_submit is not None:
+            on_submit(job_uuid)
+        return await self.wait(job_uuid, timeout=timeout, on_progress=on_progress)
 
 
 def read_token(path: str | Path) -> str:

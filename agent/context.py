@@ -14,7 +14,7 @@ from .events import EventBus
 from .jobs import JobManager
 from .metrics import Metrics
 from .outbox import Outbox
-from .runner import Runner
+from .runner import LEDGER, Runner
 from .storage_kinds import StorageKinds
 
 
@@ -57,6 +57,8 @@ class AgentContext:
     async def open(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.db.open()
+        # Before anything can start a job: end what a killed predecessor left running.
+        await LEDGER.open(self.db, self.started)
         self.node_uuid = await self.db.kv_get("node.uuid") or ""
         if not self.node_uuid:
             self.node_uuid = uuidlib.uuid4().hex
@@ -76,4 +78,5 @@ class AgentContext:
         await self.outbox.stop()
         for r in self.runners.values():
             r.close()
+        LEDGER.close()
         await self.db.close()

@@ -22,6 +22,7 @@ from . import errors, outbox
 from .db import Database
 from .models import iso, utcnow_iso  # noqa: F401 (iso: used by plugins too)
 from .outbox import Outbox
+from .runner import IN_JOB
 
 log = logging.getLogger("node_agent.jobs")
 
@@ -165,6 +166,7 @@ class JobManager:
 
     async def _run(self, ctx: JobContext, live: LiveJob, webhook: str | None, work: Work) -> None:
         started = time.monotonic()
+        IN_JOB.set(ctx.uuid)     # this task's own context: its subprocesses die with the agent
         try:
             result = await work(ctx)
             success, body = True, result if result is not None else {}

@@ -17,20 +17,17 @@ if TYPE_CHECKING:
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def read_host_load(root: str = "/") -> dict[str, float]:
-    """CPU seconds by mode and memory from /proc; blocking, so run off the loop."""
-    out: dict[str, float] = {}
-    hz = 100.0   # USER_HZ is 100 on every Linux architecture we run on
-    with open(f"{root}/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    for mode, value in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), fields):
-        out[f"cpu_{mode}"] = int(value) / hz
-    with open(f"{root}/proc/meminfo") as f:
-        mem = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-    out["mem_total"] = mem.get("MemTotal", 0)
-    out["mem_available"] = mem.get("MemAvailable", 0)
-    with open(f"{root}/proc/loadavg") as f:
-        out["load1"] = float(f.read().split()[0])
+def read_host_load() -> dict[str, float]:
+    """CPU seconds by mode, memory and load (psutil); blocking, so run off the loop."""
+    import os
+
+    import psutil   # lazy: only /metrics needs it
+    cpu = psutil.cpu_times()
+    out = {f"cpu_{mode}": float(getattr(cpu, mode, 0.0))
+           for mode in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")}
+    mem = psutil.virtual_memory()
+    out["mem_total"], out["mem_available"] = float(mem.total), float(mem.available)
+    out["load1"] = os.getloadavg()[0]
     return out
 
 

@@ -672,6 +672,55 @@ async def test_pci_attach_detach_config_only(agent_factory, http, gpu_tree, libv
     assert (status, body["error"]["code"]) == (409, "PCI.1012")
 
 
+async def test_iommu_group_never_split_across_vms(agent_factory, http, gpu_tree, libvirtd,
+                                                  lv):  # noqa: F811
+    """Issue 11.4: attach applies the candidates rule (one code path decides both)."""
+    conn, make = lv
+    agent = await libvirt_agent(agent_factory, libvirtd, gpu_tree, http)
+    vm, other = make("grp-a"), make("grp-b")
+    status, body = await run_job(http, agent, "PUT", f"/v1/pci-devices/{fx.GPU0}/actions",
+                                 {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(vm)}})
+    assert status == 200, body
+    status, body = await get(http, agent, "/v1/pci-devices/candidates", vmInstanceUuid=hex_of(other))
+    reason = {n["pciDeviceAddress"]: n["reason"] for n in body["notCandidates"]}[fx.GPU0_AUDIO]
+    assert reason == f"its IOMMU group 21 member {fx.GPU0} is attached to VM {hex_of(vm)}"
+
+    status, body = await submit(http, agent, "PUT", f"/v1/pci-devices/{fx.GPU0_AUDIO}/actions",
+                                {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(other)}})
+    assert (status, body["error"]["code"]) == (409, "PCI.1011"), body
+    assert body["error"]["description"].endswith(reason)
+    assert "<hostdev" not in config_xml(other)
+    # The group's peer still goes to the VM that holds the group.
+    status, body = await run_job(http, agent, "PUT", f"/v1/pci-devices/{fx.GPU0_AUDIO}/actions",
+                                 {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(vm)}})
+    assert status == 200, body
+    assert config_xml(vm).count("<hostdev") == 2
+
+
+async def test_concurrent_attaches_of_one_group_to_two_vms(agent_factory, http, gpu_tree,
+                                                           libvirtd, lv):  # noqa: F811
+    # Both pass the check (nothing attached yet); the jobs, one at a time, see the other.
+    conn, make = lv
+    agent = await libvirt_agent(agent_factory, libvirtd, gpu_tree, http)
+    vm, other = make("race-a"), make("race-b")
+    replies = await asyncio.gather(
+        submit(http, agent, "PUT", f"/v1/pci-devices/{fx.GPU0}/actions",
+               {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(vm)}}),
+        submit(http, agent, "PUT", f"/v1/pci-devices/{fx.GPU0_AUDIO}/actions",
+               {"attachPciDeviceToVm": {"vmInstanceUuid": hex_of(other)}}))
+    ends = []
+    for status, reply in replies:
+        if status == 202:
+            ends.append(await wait_job(http, agent, reply["location"]))
+        else:
+            ends.append((status, reply))
+    # Refused at submission (409) or, past the check, the job fails (polled as 503).
+    assert sorted(s for s, _ in ends) in ([200, 409], [200, 503]), ends
+    [refused] = [b for s, b in ends if s != 200]
+    assert refused["error"]["code"] == "PCI.1011" and "IOMMU group 21" in refused["error"]["description"]
+    assert config_xml(vm).count("<hostdev") + config_xml(other).count("<hostdev") == 1
+
+
 async def test_kept_list_bodies_follow_attach_and_detach(agent_factory, http, gpu_tree,
                                                          libvirtd, lv):  # noqa: F811
     """List bodies are kept per view: every status change must show in them at once."""

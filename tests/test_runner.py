@@ -18,9 +18,21 @@ pytestmark = [pytest.mark.timeout(10),
               pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")]
 
 
-@pytest.fixture
-def runner():
-    r = Runner("test", max_threads=2, max_processes=3)
+class _Runner(Runner):
+    """A Runner whose run() defaults to one guard mode (agent.runner: jobs run guarded)."""
+
+    def __init__(self, *args, guard: bool, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.guard = guard
+
+    async def run(self, argv, **kw):
+        kw.setdefault("guard", self.guard)
+        return await super().run(argv, **kw)
+
+
+@pytest.fixture(params=[False, True], ids=["direct", "guarded"])
+def runner(request):
+    r = _Runner("test", max_threads=2, max_processes=3, guard=request.param)
     yield r
     r.close()
 
@@ -123,8 +135,9 @@ async def test_timeout_while_flooding_output(runner):
 
 
 async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
-    # A double fork + setsid leaves sleep 103 outside the tree, still holding
-    # stdout: the run must still end (after the reap grace), not hang.
+    # A double fork + setsid takes sleep 103 out of the group and the parentage,
+    # still holding stdout: the run must still end (after the reap grace), not hang;
+    # under the job guard (a subreaper, which adopts it) it dies too.
     pidfile = tmp_path / "pid"
     t0 = time.monotonic()
     try:
@@ -133,9 +146,12 @@ async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
                                             "sleep 30"], timeout=0.3)
         assert time.monotonic() - t0 < 2.0
         assert runner.stats()["processesRunning"] == 0
+        if runner.guard:
+            assert await _all_gone(await _read_pids(pidfile, 1))
     finally:
         for pid in await _read_pids(pidfile, 1):
-            os.kill(pid, 9)
+            if not process_gone(pid):
+                os.kill(pid, 9)
 
 
 async def test_cancel_kills_tree(runner, tmp_path):
@@ -173,7 +189,8 @@ async def test_max_processes(runner):
     results = await asyncio.gather(*(runner.run(["sleep", "0.3"], timeout=5) for _ in range(6)))
     elapsed = time.monotonic() - t0
     assert all(r.returncode == 0 for r in results)
-    assert 0.55 < elapsed < 1.0, elapsed
+    # Two waves of 0.3 s; a guard's start (a python -S) adds to each on a busy machine.
+    assert 0.55 < elapsed < (2.0 if runner.guard else 1.0), elapsed
 
 
 async def test_process_queue_counts_against_timeout():
@@ -254,8 +271,9 @@ async def test_call_queue_counts_against_timeout():
         r.close()
 
 
-async def test_close_kills_live_trees(tmp_path):
-    r = Runner("c")
+@pytest.mark.parametrize("guard", [False, True], ids=["direct", "guarded"])
+async def test_close_kills_live_trees(tmp_path, guard):
+    r = _Runner("c", guard=guard)
     pidfile = tmp_path / "pids"
     task = asyncio.create_task(r.run(_tree_script(pidfile), timeout=30))
     pids = await _read_pids(pidfile, 2)
@@ -264,3 +282,133 @@ async def test_close_kills_live_trees(tmp_path):
     assert res.returncode == -9
     assert await _all_gone(pids), pids
 
+
+
+async def test_signal_death_and_missing_command(runner):
+    # The job guard passes the command's end through unchanged.
+    res = await runner.run(["sh", "-c", "kill -TERM $$"], timeout=5)
+    assert res.returncode == -15
+    if runner.guard:     # like a shell: 127 and the reason
+        res = await runner.run(["/nonexistent/cmd"], timeout=5)
+        assert res.returncode == 127 and b"cannot execute /nonexistent/cmd" in res.stderr
+    else:
+        with pytest.raises(FileNotFoundError):
+            await runner.run(["/nonexistent/cmd"], timeout=5)
+
+
+async def test_job_subprocesses_run_guarded_by_default(tmp_path):
+    from agent.runner import IN_JOB
+    r = Runner("t")
+    try:
+        script = ["bash", "-c", "cat /proc/$PPID/cmdline"]
+        assert b"jobguard.py" not in (await r.run(script, timeout=5)).stdout
+
+        async def in_a_job():
+            IN_JOB.set("a" * 32)
+            return (await r.run(script, timeout=5)).stdout
+        assert b"jobguard.py" in await asyncio.create_task(in_a_job())
+        assert IN_JOB.get() is None          # the job's task had its own context
+    finally:
+        r.close()
+
+
+async def test_unread_input_does_not_block(runner):
+    # The guard must not hold stdin open: a child that never reads ends the run.
+    res = await runner.run(["true"], input=b"x" * (4 << 20), timeout=5)
+    assert res.returncode == 0
+
+
+async def test_background_child_output_is_waited_for(runner):
+    res = await runner.run(["bash", "-c", "(sleep 0.3; echo late) &"], timeout=5)
+    assert (res.returncode, res.stdout) == (0, b"late\n")
+
+
+_FAKE_AGENT = """
+import asyncio, sys
+from agent.runner import Runner
+async def main():
+    await Runner("t").run(["bash", "-c", sys.argv[1]], timeout=60, guard=True)
+asyncio.run(main())
+"""
+
+
+async def test_tree_dies_with_its_agent(tmp_path):
+    # An agent killed with -9 cannot kill anything: the guard must, for the
+    # script, its background grandchild and one that setsid'd away.
+    marker, pidfile = tmp_path / "marker", tmp_path / "pids"
+    script = (f"(sleep 1.5; touch {marker}) & echo $! >> {pidfile}; "
+              f"setsid bash -c 'sleep 1.5; touch {marker}' & echo $! >> {pidfile}; "
+              f"echo $$ >> {pidfile}; sleep 1.5; touch {marker}")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FAKE_AGENT, script,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        pids = await _read_pids(pidfile, 3)
+        agent.kill()
+        await agent.wait()
+        assert await _all_gone(pids), pids
+        await asyncio.sleep(2.0)
+        assert not marker.exists()
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+
+
+async def test_leftover_needs_the_recorded_start_time(tmp_path):
+    # A pid cannot be made to be reused on demand; what protects a reused pid is
+    # the start-time check, tested here on a real live process.
+    from agent.db import Database
+    from agent.runner import LEDGER_SCHEMA, ProcessLedger, start_time
+    import subprocess
+    lookalike = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    leftover = subprocess.Popen(["bash", "-c", "sleep 31 & wait"], start_new_session=True)
+    db = Database(tmp_path / "state.db")
+    await db.open()
+    try:
+        await db.migrate(LEDGER_SCHEMA)
+        await db.execute("INSERT INTO job_processes VALUES(?,?,?,?)",
+                         (lookalike.pid, start_time(lookalike.pid) - 3.0, "t", "sleep"))
+        await db.execute("INSERT INTO job_processes VALUES(?,?,?,?)",
+                         (leftover.pid, start_time(leftover.pid), "t", "bash"))
+        await asyncio.sleep(0.1)   # the bash's sleep has started
+        [grandchild] = [int(p) for p in open(f"/proc/{leftover.pid}/task/{leftover.pid}/children").read().split()]
+        killed = await ProcessLedger().open(db, time.time())
+        assert sorted(killed) == sorted([leftover.pid, grandchild])
+        assert leftover.wait(2) == -9
+        assert await _all_gone([grandchild])
+        assert lookalike.poll() is None, "a process with another start time was killed"
+        assert await db.fetchall("SELECT * FROM job_processes") == []
+    finally:
+        await db.close()
+        for p in (lookalike, leftover):
+            p.kill()
+            p.wait()
+
+
+def test_host_load_reads_this_host():
+    from agent.metrics import read_host_load
+    load = read_host_load()
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert load["mem_total"] == total and 0 < load["mem_available"] <= total
+    with open("/proc/stat") as f:
+        idle = int(f.readline().split()[4]) / os.sysconf("SC_CLK_TCK")
+    assert idle <= load["cpu_idle"] < idle + 5
+    assert load["load1"] == pytest.approx(os.getloadavg()[0], abs=5)
+
+
+async def test_a_daemon_that_let_go_of_the_output_does_not_hold_the_job(runner, tmp_path):
+    # mount.nfs starting rpc.statd: the command ends, its daemon (output closed) stays.
+    pidfile = tmp_path / "pid"
+    t0 = time.monotonic()
+    res = await runner.run(["bash", "-c", f"setsid sleep 30 </dev/null >/dev/null 2>&1 & "
+                                          f"echo $! > {pidfile}; echo done"], timeout=10)
+    try:
+        assert (res.returncode, res.stdout) == (0, b"done\n")
+        assert time.monotonic() - t0 < 2.0
+        [daemon] = await _read_pids(pidfile, 1)
+        assert not process_gone(daemon)
+    finally:
+        for pid in await _read_pids(pidfile, 1):
+            if not process_gone(pid):
+                os.kill(pid, 9)

@@ -182,3 +182,78 @@ async def test_registration_on_a_hung_filesystem_fails_in_time(ns_agent, make_fu
     await wait_for(lambda: True, 0.1, "")
     status, body = await add_storage(http, a, "local", {"uuid": ps, "url": "/mnt/hang2/ps"})
     assert status == 200 and body["inventory"]["status"] == "Connected", body
+
+
+async def test_a_timed_out_call_marks_the_storage_hung_at_once(agent_factory, http, tmp_path):
+    """Issue 11.6: one timed-out capacity call (one stuck helper, below max_stuck) is Hung
+    at once, with its event on /v1/events; the probe (whose own I/O still works) keeps it
+    Hung while the call is stuck, and Connected comes back when the hang is released."""
+    import json
+    from test_durability import SSE, sse_stream
+    a = agent_factory(fast_storage(call_timeout_seconds=CALL_TIMEOUT, probe_timeout_seconds=CALL_TIMEOUT,
+                                   probe_interval_seconds=0.5, max_stuck_helpers=3),
+                      name="hang1", wrapper=NS_WRAPPER).start()
+    fuse = FuseMount(a, tmp_path / "backing", "/mnt/hang1", tmp_path / "hang.ctl")
+    try:
+        ps = uid()
+        for _ in range(3):   # a fresh FUSE mount on a loaded machine may miss the 1.5 s once
+            status, body = await add_storage(http, a, "local", {"uuid": ps, "url": "/mnt/hang1/ps"})
+            if status != 503:
+                break
+        assert status == 200 and body["inventory"]["status"] == "Connected", body
+
+        def changed_to(block, new):
+            return block.get("event") == "StorageStatusChanged" and \
+                json.loads(block["data"])["data"]["newStatus"] == new
+
+        async with sse_stream(http, a) as events:
+            sse = SSE(events)
+            fuse.hang("statfs")
+            status, body = await get(http, a, f"{PS}/{ps}/capacity")
+            assert status == 503 and body["error"]["code"] == "STORAGE.1408", body
+            status, body = await get(http, a, f"{PS}/{ps}")
+            assert body["inventory"]["status"] == "Hung", body
+            assert "did not answer within" in body["inventory"]["statusReason"]
+            await sse.until(lambda b: changed_to(b, "Hung"), 5)
+            await asyncio.sleep(1.5)                    # probes pass meanwhile
+            status, body = await get(http, a, f"{PS}/{ps}")
+            assert body["inventory"]["status"] == "Hung", body
+            fuse.release()
+            await sse.until(lambda b: changed_to(b, "Connected"), 10)
+        status, body = await get(http, a, f"{PS}/{ps}/capacity")
+        assert status == 200, body
+    finally:
+        abort_fuse(a)
+        fuse.stop()
+
+
+async def test_a_helper_blocked_in_a_call_dies_with_the_agent(ns_agent, make_fuse, http, tmp_path):
+    """Issue 11.3: an idle helper ends at EOF on stdin, but one blocked in the filesystem
+    (unkillable while the server holds the request) would go on with its operation when
+    the server answers, after the agent died.  PR_SET_PDEATHSIG leaves a SIGKILL pending:
+    it dies at the first return from the kernel, so mkdirs of a/b/c stops after a."""
+    import psutil
+    a = ns_agent
+    fuse = make_fuse(tmp_path / "backing", "/mnt/hang3", tmp_path / "hang.ctl")
+    ps = uid()
+    for _ in range(3):   # a fresh FUSE mount on a loaded machine may miss the 1.5 s once
+        status, body = await add_storage(http, a, "local", {"uuid": ps, "url": "/mnt/hang3/ps"})
+        if status != 503:
+            break
+    assert status == 200, body
+    fuse.hang("mkdir")
+    call = asyncio.ensure_future(submit(http, a, "POST", f"{PS}/{ps}/volumes",
+                                        {"params": {"size": 1 << 20, "path": "a/b/c/v.qcow2"}}))
+    await asyncio.sleep(0.5)                       # the helper waits in mkdir("a")
+    helpers = [p.pid for p in psutil.Process(a.proc.pid).children()
+               if "fsworker.py" in " ".join(p.cmdline())]
+    assert helpers
+    a.kill9()
+    await asyncio.gather(call, return_exceptions=True)
+    fuse.release()
+    await asyncio.sleep(1.0)
+    assert (tmp_path / "backing" / "ps" / "a").is_dir()      # the request in flight
+    assert not (tmp_path / "backing" / "ps" / "a" / "b").exists(), \
+        "a helper went on with its operation after the agent died"
+    assert not [p for p in helpers if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -247,6 +247,15 @@ def _check_assignable(st: Assessment, vm: str, area: str, what: str) -> None:
         raise errors.Conflict(f"{what} cannot be given to a VM: {st.reason}", code=f"{area}.1011")
 
 
+def _refuse_pci(view: View, addr: str, vm: str) -> None:
+    """409 unless the function may go to VM vm: the candidates endpoint's own rule."""
+    refusal = candidates.pci_refusal(view.snap.pci[addr], view.pci_status[addr], view.snap.pci,
+                                     view.pci_status, view.members, vm)
+    if refusal is not None:
+        raise errors.Conflict(f"PCI device {addr} cannot be attached to VM {vm}: "
+                              f"{refusal.reason}", code=f"PCI.{refusal.number}")
+
+
 def pci_inventory(dev: pci.PciDevice, st: Assessment, members: dict[int, list[str]],
                   ids: pci.PciIds | None, host_uuid: str | None,
                   names: dict[tuple, tuple] | None = None) -> dict[str, Any]:
@@ -323,6 +332,7 @@ class DevicesPlugin(Plugin):
         self._view: View | None = None
         self._scan_lock = asyncio.Lock()
         self._attach_lock = asyncio.Lock()
+        self._pci_attach_lock = asyncio.Lock()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._expiry: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -600,12 +610,12 @@ class DevicesPlugin(Plugin):
         view = await self.current()
         found, refused = [], []
         for addr, dev in view.snap.pci.items():
-            reason = candidates.pci_candidate_reason(dev, view.pci_status[addr], view.snap.pci,
-                                                     view.pci_status, view.members, vm)
-            if reason is None:
+            refusal = candidates.pci_refusal(dev, view.pci_status[addr], view.snap.pci,
+                                             view.pci_status, view.members, vm)
+            if refusal is None:
                 found.append(view.pci[addr])
             else:
-                refused.append({"pciDeviceAddress": addr, "reason": reason})
+                refused.append({"pciDeviceAddress": addr, "reason": refusal.reason})
         return {"inventories": found, "notCandidates": refused}
 
     async def _candidate_vm(self, params: CandidateParams, area: str) -> str | None:
@@ -635,14 +645,23 @@ class DevicesPlugin(Plugin):
         key = ("pci", addr)
         self._claim(key)
         try:
-            domains = await self._call(hostdev.list_domains, what="reading the VMs", area="PCI")
-            holder = hostdev.attachments(domains)[0].get(addr)
-            if holder is not None:
-                raise errors.Conflict(f"PCI device {addr} is already attached to VM {holder}",
-                                      code="PCI.1010" if holder != vm else "PCI.1013")
-            job.progress(50, f"attaching {addr}")
-            await self._call(hostdev.attach, vm, hostdev.pci_hostdev_xml(addr),
-                             what=f"attaching PCI device {addr} to VM {vm}", area="PCI")
+            # Attaches of one group's functions run concurrently (each reserves only its
+            # own device): one at a time, each checked against the domains read now.
+            async with self._pci_attach_lock:
+                domains = await self._call(hostdev.list_domains, what="reading the VMs",
+                                           area="PCI")
+                snap = self._snap
+                if addr not in snap.pci:
+                    raise errors.NotFound(f"PCI device {addr} is gone from this host",
+                                          code="PCI.1004")
+                attached = hostdev.attachments(domains)[0]
+                members = candidates.group_members(snap.pci)
+                statuses = candidates.assess_pci(snap.pci, snap.iommu, snap.critical, attached,
+                                                 members)
+                _refuse_pci(View(snap, statuses, {}, members), addr, vm)
+                job.progress(50, f"attaching {addr}")
+                await self._call(hostdev.attach, vm, hostdev.pci_hostdev_xml(addr),
+                                 what=f"attaching PCI device {addr} to VM {vm}", area="PCI")
             await self.refresh_attachments(force=True)
             return {"inventory": self.view().pci.get(addr)}
         finally:
@@ -659,7 +678,7 @@ class DevicesPlugin(Plugin):
                 raise errors.NotFound(f"there is no PCI device {addr} on this host",
                                       code="PCI.1004")
             await self._domain(vm, "PCI")
-            _check_assignable(view.pci_status[addr], vm, "PCI", f"PCI device {addr}")
+            _refuse_pci(view, addr, vm)
 
     @action("/v1/pci-devices/{address}/actions", "detachPciDeviceFromVm", params=DetachFromVm,
             result=PciDeviceReply, requires="libvirt")

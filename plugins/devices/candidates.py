@@ -206,28 +206,50 @@ def _not_assignable(dev: PciDevice, devices: dict[str, PciDevice], iommu_on: boo
     return None
 
 
-def pci_candidate_reason(dev: PciDevice, status: Assessment, devices: dict[str, PciDevice],
-                         statuses: dict[str, Assessment], members: dict[int, list[str]],
-                         vm: str | None) -> str | None:
-    """None if dev may be attached to vm (any VM when None), else why not."""
+@dataclass(slots=True)
+class Refusal:
+    """Why a function may not go to a VM, and the error number an attach answers with."""
+    reason: str
+    number: str          # "1013" already with this VM, "1010" with another, "1011" otherwise
+
+
+def pci_refusal(dev: PciDevice, status: Assessment, devices: dict[str, PciDevice],
+                statuses: dict[str, Assessment], members: dict[int, list[str]],
+                vm: str | None) -> Refusal | None:
+    """None if dev may be attached to vm (any VM when None), else why not.
+
+    The one rule behind both the candidates list and the attach check (its
+    job applies it again to the domains read under the attach lock).
+    """
     refusal = status.refusal(vm)
     if refusal is not None:
-        return refusal
+        if status.status == ATTACHED:
+            return Refusal(refusal, "1013" if vm is not None and status.vm == vm else "1010")
+        return Refusal(refusal, "1011")
     if dev.sriov_num_vfs:
-        return (f"it is an SR-IOV physical function with {dev.sriov_num_vfs} VFs enabled; "
-                "attach a VF, or set sriov_numvfs to 0 first")
+        return Refusal(f"it is an SR-IOV physical function with {dev.sriov_num_vfs} VFs enabled; "
+                       "attach a VF, or set sriov_numvfs to 0 first", "1011")
     group = dev.iommu_group
     for m in members.get(group, ()) if group is not None else ():
         if m == dev.address:
             continue
         other, st = devices[m], statuses[m]
         if st.status == ATTACHED and (vm is None or st.vm != vm):
-            return f"its IOMMU group {group} member {m} is attached to VM {st.vm}"
+            return Refusal(f"its IOMMU group {group} member {m} is attached to VM {st.vm}",
+                           "1011")
         if st.status != ATTACHED and other.driver is not None \
                 and other.driver not in PASSTHROUGH_DRIVERS:
-            return (f"its IOMMU group {group} member {m} is bound to the host driver "
-                    f"{other.driver}; bind it to vfio-pci first")
+            return Refusal(f"its IOMMU group {group} member {m} is bound to the host driver "
+                           f"{other.driver}; bind it to vfio-pci first", "1011")
     return None
+
+
+def pci_candidate_reason(dev: PciDevice, status: Assessment, devices: dict[str, PciDevice],
+                         statuses: dict[str, Assessment], members: dict[int, list[str]],
+                         vm: str | None) -> str | None:
+    """None if dev may be attached to vm (any VM when None), else why not."""
+    refusal = pci_refusal(dev, status, devices, statuses, members, vm)
+    return None if refusal is None else refusal.reason
 
 
 # -- USB ---------------------------------------------------------------------

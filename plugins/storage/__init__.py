@@ -139,8 +139,19 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
 
     def _make(self, row: StorageRow) -> Storage:
         c = self.conf
-        return Storage(row, FsHelper(row.uuid, row.mount_path, self.tag, timeout=c.call_timeout_seconds,
-                                     max_stuck=c.max_stuck_helpers))
+        st = Storage(row, FsHelper(row.uuid, row.mount_path, self.tag, timeout=c.call_timeout_seconds,
+                                   max_stuck=c.max_stuck_helpers))
+        st.helper.on_hung = lambda reason: self._mark_hung(st, reason)
+        return st
+
+    def _mark_hung(self, st: Storage, reason: str) -> None:
+        """A call timed out (or was refused as hung): Hung now, not at the next probe.
+        Only from Connected: Disconnected stays until a probe or reconnect says more."""
+        if st.row.status != CONNECTED or self.storages.get(st.uuid) is not st:
+            return
+        task = asyncio.get_running_loop().create_task(self._set_status(st, HUNG, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _stop(self, st: Storage) -> None:
         if st.monitor is not None:
@@ -316,6 +327,13 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
             return
         except errors.ApiError as e:
             await self._set_status(st, DISCONNECTED, e.description)
+            return
+        stuck = st.helper.stuck()
+        if stuck:
+            # The probe's own I/O passed, but calls are still stuck in the kernel
+            # (one hung operation, e.g. statfs): not Connected until they are out.
+            await self._set_status(st, HUNG, f"{stuck} filesystem helper(s) are still stuck "
+                                             f"in the kernel on {st.root}")
             return
         await self._set_status(st, CONNECTED, None)
         st.row.extra["lastProbeMs"] = probe.get("ms")

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from agent import errors
 
@@ -71,6 +71,9 @@ class FsHelper:
         self._stuck: list[asyncio.subprocess.Process] = []
         self.abandoned_total = 0
         self.closed = False
+        # Told (with the reason) when a call times out or is refused as hung: the
+        # storage's status follows its calls, not only the periodic probe.
+        self.on_hung: Callable[[str], None] | None = None
 
     # -- bookkeeping ------------------------------------------------------------------
     def stuck(self) -> int:
@@ -106,10 +109,10 @@ class FsHelper:
         limit = timeout if timeout is not None else self.timeout
         stuck = self.stuck()
         if stuck >= self.max_stuck:
-            raise StorageHung(
+            raise self._hung(StorageHung(
                 f"primary storage {self.storage_uuid} is hung: {stuck} helper process(es) are "
                 f"stuck in the kernel on {self.root}; check the storage server, then call "
-                "reconnectPrimaryStorage", details=f"operation {op} was not tried")
+                "reconnectPrimaryStorage", details=f"operation {op} was not tried"))
         sent: asyncio.subprocess.Process | None = None
         try:
             async with asyncio.timeout(limit):
@@ -130,10 +133,10 @@ class FsHelper:
         except TimeoutError:
             if sent is not None:
                 self._abandon(sent, f"{op} took more than {limit:g} s")
-            raise StorageHung(
+            raise self._hung(StorageHung(
                 f"primary storage {self.storage_uuid}: {op} on {self.root} did not answer within "
                 f"{limit:g} s; the filesystem looks hung (a dead NFS server?). The helper was "
-                "abandoned; check the storage, then call reconnectPrimaryStorage") from None
+                "abandoned; check the storage, then call reconnectPrimaryStorage")) from None
         except (BrokenPipeError, ConnectionResetError):
             self._proc = None
             raise errors.OperationFailed(f"the filesystem helper of primary storage "
@@ -147,6 +150,14 @@ class FsHelper:
         if reply.get("ok"):
             return reply.get("result")
         raise FsError(reply.get("kind", "bad"), reply.get("error", "unknown error"), reply.get("errno"))
+
+    def _hung(self, e: StorageHung) -> StorageHung:
+        if self.on_hung is not None:
+            try:
+                self.on_hung(e.description)
+            except Exception:
+                log.exception("storage %s: the hung callback failed", self.storage_uuid)
+        return e
 
     async def close(self) -> None:
         """Stop the helper: EOF ends an idle one; one stuck in a call is abandoned."""
@@ -166,9 +177,9 @@ class FsHelper:
 
 
 def _alive(pid: int) -> bool:
+    """Running, or stuck in the kernel: anything but gone or a zombie."""
+    import psutil
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False

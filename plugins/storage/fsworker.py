@@ -693,7 +693,22 @@ def write(channel: int | None = None) -> int:
             sock.close()
 
 
+def die_with_parent() -> None:
+    """SIGKILL when the agent dies (kill -9 included).  PR_SET_PDEATHSIG is enough here,
+    unlike for job scripts (see agent/jobguard.py): a helper never starts a process,
+    and the agent starts it from its event-loop thread, which lives as long as it."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)   # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:             # it died before the prctl
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     if len(argv) == 3 and argv[0] == "serve":
         return serve(argv[1], argv[2])
     if len(argv) == 3 and argv[0] == "unlink":
