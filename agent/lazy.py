@@ -19,10 +19,14 @@ from typing import Any
 
 class LazyModule(types.ModuleType):
     def __getattr__(self, attr: str) -> Any:
-        # Always through import_module: while another thread is still importing the
-        # module, sys.modules already holds it half-initialised (a Cython module then
-        # fails with NameError/AttributeError); import_module waits for that import.
-        return getattr(importlib.import_module(self.__name__), attr)
+        module = sys.modules.get(self.__name__)
+        # While another thread is still importing the module, sys.modules already holds
+        # it half-initialised (a Cython module then fails with NameError/AttributeError):
+        # import_module waits for that import (importlib marks it the same way).
+        if module is None or module is self or \
+                getattr(getattr(module, "__spec__", None), "_initializing", False):
+            module = importlib.import_module(self.__name__)
+        return getattr(module, attr)
 
     def __repr__(self) -> str:
         return f"<lazy module {self.__name__!r}>"
