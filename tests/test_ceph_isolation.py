@@ -186,6 +186,7 @@ async def test_dead_cluster_transfers_never_delay_a_healthy_import(
     base, status, body = await timed_job(http, agent, "POST", f"{BS}/{healthy}/images",
                                          {"params": {"url": f"{url}/raw"}})
     assert status == 200, body
+    healthy_img = body["inventory"]["uuid"]
     # an image of the doomed cluster and an export URL of it, made while it is alive
     took, status, body = await timed_job(http, agent, "POST", f"{BS}/{doomed}/images",
                                          {"params": {"url": f"{url}/raw"}})
@@ -226,6 +227,10 @@ async def test_dead_cluster_transfers_never_delay_a_healthy_import(
         async with http.get(export_url) as r:
             assert r.status == 503 and (await r.json())["error"]["code"] == "CEPH.1504"
         assert time.monotonic() - t < 0.5
+        took, status, body = await timed_job(
+            http, agent, "PUT", f"{BS}/{healthy}/images/{healthy_img}/actions",
+            {"migrateImage": {"destination": doomed}})
+        assert status == 503 and body["error"]["code"] == "CEPH.1504" and took < 1.5, (took, body)
         # and the stuck ones end (no thread left waiting on the dead cluster or the upstream):
         # each within one OSD op timeout (a write in flight), not when the upstream resumes
         t = time.monotonic()
