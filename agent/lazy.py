@@ -4,8 +4,8 @@ An idle agent on a node that has no libvirtd, no Ceph and no chassis should not
 pay for the code that drives them: the libvirt binding alone is ~12 MB of RSS.
 ``lazy_import("x")`` returns a stand-in whose first attribute access imports
 ``x`` through the normal import system (so under its lock: two threads that
-touch it at once get the same module; the stdlib's LazyLoader is not
-thread-safe on 3.11).
+touch it at once get the same, fully initialised module; the stdlib's LazyLoader
+is not thread-safe on 3.11).
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from typing import Any
 
 class LazyModule(types.ModuleType):
     def __getattr__(self, attr: str) -> Any:
-        name = self.__name__
-        module = sys.modules.get(name)
-        if module is None or module is self:
-            module = importlib.import_module(name)
+        module = sys.modules.get(self.__name__)
+        # While another thread is still importing the module, sys.modules already holds
+        # it half-initialised (a Cython module then fails with NameError/AttributeError):
+        # import_module waits for that import (importlib marks it the same way).
+        if module is None or module is self or \
+                getattr(getattr(module, "__spec__", None), "_initializing", False):
+            module = importlib.import_module(self.__name__)
         return getattr(module, attr)
 
     def __repr__(self) -> str:

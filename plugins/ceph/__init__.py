@@ -80,6 +80,10 @@ class CephSettings(WireModel):
     health_interval: float = Field(10.0, ge=0.2, le=3600, description="seconds between checks")
     cluster_threads: int = Field(4, ge=1, le=64, description="threads of each cluster's own "
                                  "pool: a dead cluster's hung calls never wait in another's")
+    cluster_io_threads: int = Field(4, ge=1, le=64, description="threads of each cluster's own "
+                                    "bulk pool (imports, exports, migrations)")
+    cluster_io_processes: int = Field(2, ge=1, le=16, description="qemu-img converts at once "
+                                      "into each cluster")
     download_dir: str | None = Field(None, description="qcow2 spool; <state>/ceph/tmp by default")
     verify_tls: bool = Field(True, description="verify https certificates of image URLs")
     export_base_url: str | None = Field(None, description="base of export URLs, e.g. "
@@ -105,9 +109,6 @@ class CephPlugin(Plugin):
         self.conf: CephSettings = settings.get("ceph") or CephSettings()
         self.timeouts = Timeouts(self.conf.mount_timeout, self.conf.mon_op_timeout,
                                  self.conf.osd_op_timeout)
-        # Bulk I/O (imports, exports, copies) has its own threads: a few big transfers
-        # must not queue the control calls (or the health check) behind them.
-        self.io_runner = agent.runner("ceph-io", max_threads=8, max_processes=2)
         self.store = Store(agent.db)
         self.registry = Registry()
         self.conns: dict[str, Connection] = {}
@@ -191,9 +192,10 @@ class CephPlugin(Plugin):
             log.warning("closing a Ceph connection to %s did not finish", conn.label)
         # Closed later, not now: closing drops the calls still queued in it (a storage's
         # mons were changed under them); by then each has had its full timeout.
-        runner, conn.runner = conn.runner, None
-        if runner is not None:
-            asyncio.get_running_loop().call_later(self.timeouts.call, runner.close)
+        for runner in (conn.runner, conn.bulk):
+            if runner is not None:
+                asyncio.get_running_loop().call_later(self.timeouts.call, runner.close)
+        conn.runner = conn.bulk = None
 
     def _conn_runner(self, conn: Connection) -> Runner:
         """The cluster's own bounded pool: made on first use, closed with the connection.
@@ -203,18 +205,27 @@ class CephPlugin(Plugin):
                                  max_processes=1)
         return conn.runner
 
+    def _bulk_runner(self, conn: Connection) -> Runner:
+        """The cluster's own bulk pool (imports, exports, migrations): its own, so a dead
+        cluster's hung transfers never hold a thread another cluster's transfer needs, and
+        apart from its control pool, so big transfers never queue a capacity call."""
+        if conn.bulk is None:
+            conn.bulk = Runner(f"ceph-io-{conn.label}"[:60], max_threads=self.conf.cluster_io_threads,
+                               max_processes=self.conf.cluster_io_processes)
+        return conn.bulk
+
     @staticmethod
     def _close_runner(conn: Connection) -> None:
-        if conn.runner is not None:
-            conn.runner.close()       # queued calls dropped; a hung thread ends at its timeout
-            conn.runner = None
+        for runner in (conn.runner, conn.bulk):
+            if runner is not None:
+                runner.close()    # queued calls dropped; a hung thread ends at its timeout
+        conn.runner = conn.bulk = None
 
     async def raw_call(self, label: str, fn: Callable[..., Any], *args: Any, what: str,
-                       timeout: float | None = None, io: bool = False,
-                       runner: Runner | None = None) -> Any:
+                       timeout: float | None = None, runner: Runner | None = None) -> Any:
         """fn(*args) in a runner thread; binding errors become the wire's errors."""
         t = timeout or self.timeouts.call
-        runner = runner or (self.io_runner if io else self.runner)
+        runner = runner or self.runner
         try:
             return await runner.call(fn, *args, timeout=t)
         except errors.Timeout:
@@ -251,6 +262,43 @@ class CephPlugin(Plugin):
         except Unreachable as e:       # also the runner's own timeout
             self._mark_down(conn, e.description)
             raise
+
+    async def bulk_call(self, conn: Connection, fn: Callable[..., Any], *args: Any, what: str,
+                        timeout: float | None = None, also: Connection | None = None) -> Any:
+        """fn(*args) in the cluster's own bulk pool; fn opens the cluster itself (conn.use).
+        Fails fast while the cluster (or ``also``, the other end of a copy) is known down,
+        also when queued as it went down; a cluster found unreachable is marked down in the
+        thread.  fn should call ``guard()`` between blocks (see ``guard``)."""
+        ends = [conn] if also is None else [conn, also]
+
+        def work() -> Any:
+            for c in ends:
+                self._fail_if_down(c, what)
+            try:
+                return fn(*args)
+            except Exception as e:
+                culprit = getattr(e, "ceph_conn", None) or conn     # the end that failed
+                err = translate(e, what, culprit.label, self.timeouts)
+                if isinstance(err, Unreachable):
+                    self._mark_down(culprit, err.description)
+                raise err from None
+        for c in ends:
+            self._fail_if_down(c, what)
+        try:
+            return await self.raw_call(conn.label, work, what=what, timeout=timeout,
+                                       runner=self._bulk_runner(conn))
+        except Unreachable as e:       # also the runner's own timeout
+            self._mark_down(conn, e.description)
+            raise
+
+    def guard(self, *conns: Connection, what: str) -> Callable[[], None]:
+        """A check a transfer makes between blocks: it stops (CEPH.1504) as soon as another
+        call found one of its clusters unreachable, rather than each block waiting out the
+        op timeout."""
+        def check() -> None:
+            for c in conns:
+                self._fail_if_down(c, what)
+        return check
 
     @staticmethod
     def _mark_down(conn: Connection, reason: str) -> None:
@@ -1337,9 +1385,10 @@ class CephPlugin(Plugin):
             remaining = max(deadline - time.monotonic(), 1)
             if fmt == "raw":
                 state["wrote"] = True
-                fut = asyncio.ensure_future(self.raw_call(
-                    conn.label, backup.rbd_sink, conn, pool, name, length, feed, hasher, progress,
-                    what=f"writing {pool}/{name}", timeout=remaining, io=True))
+                what = f"writing {pool}/{name}"
+                fut = asyncio.ensure_future(self.bulk_call(
+                    conn, backup.rbd_sink, conn, pool, name, length, feed, hasher, progress,
+                    self.guard(conn, what=what), what=what, timeout=remaining))
             else:
                 await self.runner.call(self.tmp_dir.mkdir, parents=True, exist_ok=True, timeout=10)
                 free = (await self.runner.call(shutil.disk_usage, self.tmp_dir, timeout=10)).free
@@ -1347,24 +1396,51 @@ class CephPlugin(Plugin):
                     raise failed(f"{shown} is {length} bytes and {self.tmp_dir} (download_dir, "
                                  f"where qcow2 images are spooled) has {free} bytes free",
                                  code="CEPH.1523")
+                # in the cluster's bulk pool: the thread is held for the whole download
                 fut = asyncio.ensure_future(self.raw_call(
                     str(spool), backup.file_sink, spool, feed, hasher, progress,
-                    what=f"spooling {shown}", timeout=remaining, io=True))
+                    what=f"spooling {shown}", timeout=remaining, runner=self._bulk_runner(conn)))
             state["worker"] = fut
             feed.worker = fut
             return fut
 
+        async def watch() -> None:
+            # Ends the import as soon as the cluster is known down or the sink failed, not
+            # when a stalled upstream sends its next byte (sock_read timeout: a minute).
+            while True:
+                await asyncio.sleep(0.5)
+                self._fail_if_down(conn, f"importing {shown} into {pool}/{name}")
+                worker = state.get("worker")
+                if worker is not None and worker.done():
+                    worker.result()
+                    raise failed("the import stopped before the download ended")
+
         dl_progress = Progress(job, loop, 0, 100, f"downloading {shown}")
+        dl = asyncio.ensure_future(backup.download(
+            params.url, feed=feed, first=first, progress=dl_progress, timeout=params.timeout,
+            verify_tls=self.conf.verify_tls))
+        watcher = asyncio.ensure_future(watch())
         try:
-            got = await backup.download(params.url, feed=feed, first=first, progress=dl_progress,
-                                        timeout=params.timeout, verify_tls=self.conf.verify_tls)
+            await asyncio.wait([dl, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not dl.done():
+                dl.cancel()
+                watcher.result()            # raises why
+            watcher.cancel()
+            got = dl.result()
             await feed.put(None)
             result = await state["worker"]
         except BaseException:
+            dl.cancel()
+            watcher.cancel()
             progress.cancel()
             feed.abort.set()
-            if "worker" in state:
-                await asyncio.gather(state["worker"], return_exceptions=True)
+            worker = state.get("worker")
+            if worker is not None:
+                # A sink sees the abort within 0.5 s.  One inside a librbd call on a dead
+                # cluster (up to a few rados_osd_op_timeout) is left to end in that
+                # cluster's own bulk pool: the job does not wait for it.
+                await asyncio.wait([worker], timeout=2)
+                worker.add_done_callback(_retrieve)
             raise
         digest = hasher.hexdigest()
         if expected and digest != expected:
@@ -1401,8 +1477,11 @@ class CephPlugin(Plugin):
                                mon_host_option([mons.endpoint(m) for m in recs]), s["keyring"],
                                self.timeouts, timeout=10)
         job.progress(75, f"converting qcow2 to raw RBD {pool}/{name}")
+        conn = self._conn(s["uuid"])
+        self._fail_if_down(conn, f"converting qcow2 to raw RBD {pool}/{name}")
         remaining = max(deadline - time.monotonic(), 1)
-        out = await self.runner.run(
+        # the cluster's own process slots: converts into a dead cluster hold none of another's
+        out = await self._bulk_runner(conn).run(
             ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-m", "8", "-W", str(spool),
              backup.rbd_target(pool, name, s["user"], conf)], timeout=remaining)
         if out.returncode != 0:
@@ -1467,11 +1546,12 @@ class CephPlugin(Plugin):
         progress = Progress(job, message=f"copying image {imageUuid}")
         async with self.locks[("image", uuid, imageUuid)]:
             try:
-                await self.raw_call(f"{src_conn.label} -> {dst_conn.label}", backup.copy_image,
-                                    src_conn, rec["poolName"], rec["uuid"], dst_conn,
-                                    dst["poolName"], rec["uuid"], progress,
-                                    what=f"migrating image {imageUuid}",
-                                    timeout=self.conf.long_op_timeout, io=True)
+                what = f"migrating image {imageUuid}"
+                await self.bulk_call(src_conn, backup.copy_image,
+                                     src_conn, rec["poolName"], rec["uuid"], dst_conn,
+                                     dst["poolName"], rec["uuid"], progress,
+                                     self.guard(src_conn, dst_conn, what=what),
+                                     what=what, timeout=self.conf.long_op_timeout, also=dst_conn)
             except BaseException:
                 progress.cancel()
                 raise
@@ -1538,7 +1618,7 @@ class CephPlugin(Plugin):
         rec = self._image(uuid, image_uuid)
         conn = self._conn(uuid)
         reader = backup.ImageReader(conn, rec["poolName"], rec["uuid"])
-        size = await self.raw_call(conn.label, reader.open, what=f"opening image {image_uuid}", io=True)
+        size = await self.bulk_call(conn, reader.open, what=f"opening image {image_uuid}")
         pending: deque = deque()
         prepared = False
         try:
@@ -1559,8 +1639,8 @@ class CephPlugin(Plugin):
             def schedule() -> None:
                 nonlocal pos
                 n = min(backup.BLOCK, end + 1 - pos)
-                pending.append(asyncio.ensure_future(self.raw_call(
-                    conn.label, reader.read, pos, n, what=f"reading image {image_uuid}", io=True)))
+                pending.append(asyncio.ensure_future(self.bulk_call(
+                    conn, reader.read, pos, n, what=f"reading image {image_uuid}")))
                 pos += n
             while pos <= end and len(pending) < 3:
                 schedule()
@@ -1586,9 +1666,15 @@ class CephPlugin(Plugin):
                 f.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             try:
-                await self.io_runner.call(reader.close, timeout=self.timeouts.call)
+                await self._bulk_runner(conn).call(reader.close, timeout=self.timeouts.call)
             except Exception:
                 pass
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Mark a left-behind future's outcome as seen (no 'never retrieved' warning)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _unlink(*paths: Path) -> None:

@@ -95,7 +95,9 @@ class _Feed:
             self.worker.result()
             raise failed("the import stopped before the download ended")
 
-    def get(self) -> bytes | None:
+    def get(self, guard: Callable[[], None] | None = None) -> bytes | None:
+        """The next block; while waiting for it, ``guard()`` every 0.5 s (a sink waiting
+        on a slow download stops at once when its cluster is known down)."""
         while True:
             try:
                 block = self.q.get(timeout=0.5)
@@ -103,6 +105,8 @@ class _Feed:
             except queue.Empty:
                 if self.abort.is_set():
                     raise failed("the import was stopped")
+                if guard is not None:
+                    guard()
         if block is not None:
             self.loop.call_soon_threadsafe(self.slots.release)
         return block
@@ -141,8 +145,10 @@ def _zero(block: bytes, zeros: dict[int, bytes]) -> bool:
 
 
 def rbd_sink(conn: Connection, pool: str, name: str, size: int | None, feed: _Feed,
-             hasher: Any, progress: Progress) -> dict[str, int]:
-    """Create pool/name and write the fed blocks into it (a runner thread)."""
+             hasher: Any, progress: Progress, guard: Callable[[], None]) -> dict[str, int]:
+    """Create pool/name and write the fed blocks into it (a runner thread of the cluster's
+    bulk pool).  Each librbd call is bounded by rados_osd_op_timeout; ``guard()`` stops it
+    between blocks once the cluster is known down."""
     zeros: dict[int, bytes] = {}
     with conn.use() as r, ioctx(r, pool) as io:
         current = size if size is not None else GROW_STEP
@@ -156,7 +162,8 @@ def rbd_sink(conn: Connection, pool: str, name: str, size: int | None, feed: _Fe
             while True:
                 if progress.is_cancelled:
                     raise failed("the import was cancelled")
-                block = feed.get()
+                guard()
+                block = feed.get(guard)
                 if block is None:
                     break
                 hasher.update(block)
@@ -341,18 +348,42 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
 
 # --- copy between clusters (migrate) -----------------------------------------------------
 
+class _Side:
+    """Tags an error with the cluster it came from (``e.ceph_conn``), so that a copy
+    between two clusters marks down the one that did not answer."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: Any, e: BaseException | None, tb: Any) -> bool:
+        if e is not None and not hasattr(e, "ceph_conn"):
+            try:
+                e.ceph_conn = self.conn         # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+        return False
+
+
 def copy_image(src: Connection, src_pool: str, name: str, dst: Connection, dst_pool: str,
-               dst_name: str, progress: Progress) -> dict[str, int]:
-    """Copy the allocated parts of an image to another pool (maybe another cluster)."""
+               dst_name: str, progress: Progress, guard: Callable[[], None]) -> dict[str, int]:
+    """Copy the allocated parts of an image to another pool (maybe another cluster).
+
+    Runs in the source cluster's bulk pool; each librbd call is bounded by
+    rados_osd_op_timeout, and ``guard()`` stops the copy between blocks once either
+    cluster is known down."""
     zeros: dict[int, bytes] = {}
-    with src.use() as sr, ioctx(sr, src_pool) as sio, rbd.Image(sio, name, read_only=True) as simg:
+    with _Side(src), src.use() as sr, ioctx(sr, src_pool) as sio, \
+            rbd.Image(sio, name, read_only=True) as simg:
         size = simg.size()
         extents: list[tuple[int, int]] = []
         simg.diff_iterate(0, size, None,
                           lambda off, length, exists: extents.append((off, length)) or 0 if exists else 0,
                           whole_object=True)
         total = sum(length for _, length in extents) or 1
-        with dst.use() as dr, ioctx(dr, dst_pool) as dio:
+        with _Side(dst), dst.use() as dr, ioctx(dr, dst_pool) as dio:
             try:
                 rbd.RBD().create(dio, dst_name, size, old_format=False)
             except rbd.ImageExists:
@@ -366,8 +397,10 @@ def copy_image(src: Connection, src_pool: str, name: str, dst: Connection, dst_p
                         while pos < off + length:
                             if progress.is_cancelled:
                                 raise failed("the migration was cancelled")
+                            guard()
                             n = min(BLOCK, off + length - pos)
-                            data = simg.read(pos, n)
+                            with _Side(src):
+                                data = simg.read(pos, n)
                             if not _zero(data, zeros):
                                 aio.write(data, pos)
                                 written += n

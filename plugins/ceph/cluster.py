@@ -304,6 +304,7 @@ class Connection:
         # cleared only by a health check that reached it; calls fail fast meanwhile.
         self.down: tuple[float, str] | None = None
         self.runner: Any = None          # its own bounded pool (set by the plugin)
+        self.bulk: Any = None            # its own bounded pool for bulk I/O (idem)
 
     def _make(self) -> Any:
         conf = {"mon_host": self.mon_host, "keyring": self.keyring,
