@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -389,9 +388,9 @@ def test_spec_from_model_end_to_end():
         run_query(items, {"q": ["ipmiPassword~=%"]}, spec)
 
 
-# --- performance -------------------------------------------------------------------------
+# --- scale (its speed is measured by bench/device_inventory.py, not asserted here) ----------
 
-def test_ten_thousand_items_three_conditions_and_sort_is_fast():
+def test_ten_thousand_items_three_conditions_and_sort():
     items = [{"uuid": f"u{i:05d}", "name": f"vm{i}", "cpuNum": i % 16,
               "state": "Running" if i % 3 else "Stopped",
               "metaData": {"driver": "vfio-pci" if i % 2 else "nvidia"}}
@@ -400,14 +399,12 @@ def test_ten_thousand_items_three_conditions_and_sort_is_fast():
     params = MultiDictProxy(MultiDict([
         ("q", "cpuNum>=2"), ("q", "state!=Stopped"), ("q", "metaData.driver~=vfio%"),
         ("sort", "-cpuNum"), ("replyWithCount", "true")]))
-    run_query(items, params, spec)   # warm up
-    began = time.perf_counter()
     body = run_query(items, params, spec)
-    elapsed = time.perf_counter() - began
     assert body["total"] == sum(1 for it in items if it["cpuNum"] >= 2
                                 and it["state"] != "Stopped" and it["cpuNum"] % 2)
     assert body["inventories"][0]["cpuNum"] == 15
-    assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
+    assert [it["cpuNum"] for it in body["inventories"]] == sorted(
+        (it["cpuNum"] for it in body["inventories"]), reverse=True)
 
 
 # --- against a real agent ------------------------------------------------------
