@@ -106,6 +106,28 @@ def proc_cpu(pid: int) -> tuple[float, float]:
     return (int(f[11]) + int(f[12])) / tck, (int(f[13]) + int(f[14])) / tck
 
 
+def helpers_of(pid: int, marker: bytes) -> list[int]:
+    """The child processes of pid whose command line has marker."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid \
+                    and marker in (p / "cmdline").read_bytes():
+                out.append(int(p.name))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+async def wait_gone(pids: list[int], timeout: float) -> None:
+    """Until those processes are reaped (their CPU is then in their parent's children's time);
+    the sender frees the moved source's blocks after the job's answer."""
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+
+
 def client_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -192,6 +214,7 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
                 src, sname = here
                 dst, dname = there
                 warm(base / sname / rel)
+                senders = helpers_of(src.proc.pid, b"streamio.py\0send")     # the spare it takes
                 p0 = {ag: proc_cpu(ag.proc.pid) for ag in (src, dst)}
                 k0, c0, t0 = client_cpu(), busy_cpu(), time.monotonic()
                 status, body = await call(http, src, "PUT",
@@ -203,14 +226,14 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
                 cpu["agent"].append(busy_cpu() - c0)
                 kc = client_cpu() - k0
                 assert status == 200, body
-                # After its job the agent frees the moved source's blocks (a child process)
-                # and starts its next spare helpers in the background (0.2 s later): the
-                # first is counted here (the unlink child once it is reaped), the spares not
-                # (started after the answer, they are the next migration's start-up).
-                await asyncio.sleep(0.15)
+                # After its job the sender frees the moved source's blocks and the agent starts
+                # its next spare helpers (0.2 s later): the first is counted here (the sender
+                # once it is reaped), the new spares not (the next migration's start-up; the
+                # start-up of the ones this migration used is in their reaped time).
+                await wait_gone(senders, 10.0)
                 p1 = {ag: proc_cpu(ag.proc.pid) for ag in (src, dst)}
                 split = {"source agent": p1[src][0] - p0[src][0],
-                         "sender + unlink (source's children)": p1[src][1] - p0[src][1],
+                         "sender (source's children)": p1[src][1] - p0[src][1],
                          "destination agent": p1[dst][0] - p0[dst][0],
                          "writer (destination's children)": p1[dst][1] - p0[dst][1],
                          "client (job polling)": kc}
@@ -290,8 +313,8 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
     lines.append("- CPU-s machine: busy time of the whole machine during each run (/proc/stat, every "
                  "process and the kernel, 10 ms ticks): what the run took from the 2 vCPUs, other "
                  "people's work included on a shared machine. CPU-s own processes: for the agent, both "
-                 "agents' own time and their reaped children's (sender, writer, the source's unlink) "
-                 "from /proc/PID/stat, plus this client's; for the floor, its sender's and receiver's "
+                 "agents' own time and their reaped children's (sender, writer) "
+                 "from /proc/PID/stat (their whole lives, start-up of the idle spares included), plus this client's; for the floor, its sender's and receiver's "
                  "rusage. This one does not count other work on the machine (but a busy machine still "
                  "inflates it: caches and memory bandwidth are shared).")
     return lines, med
