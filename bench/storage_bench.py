@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from agentproc import AgentProcess  # noqa: E402
 from benchlib import cpu_model, fill_half_holes, git_head  # noqa: E402
-from migration_floor import run_tcp  # noqa: E402
+from migration_floor import run_tcp_split  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 HANGFS = REPO / "tests" / "services" / "hangfs.py"
@@ -192,6 +192,7 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
     # floor's sender and receiver.  parts: the agent's split, per round.
     own: dict[str, list[float]] = {"agent": [], "floor": []}
     parts: list[dict[str, float]] = []
+    floor_parts: list[dict[str, float]] = []
     try:
         async with aiohttp.ClientSession() as http:
             ps = {}
@@ -246,10 +247,11 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
                 warm(cur)
                 out = base / "floor-copy.raw"
                 c0 = busy_cpu()
-                wall, floor_cpu = run_tcp(cur, out, 2, True)
+                wall, receiver_cpu, sender_cpu = run_tcp_split(cur, out, 2, True)
                 results["floor"].append(wall)
                 cpu["floor"].append(busy_cpu() - c0)
-                own["floor"].append(floor_cpu)
+                own["floor"].append(receiver_cpu + sender_cpu)
+                floor_parts.append({"sender": sender_cpu, "receiver": receiver_cpu})
                 out.unlink()
                 await asyncio.sleep(0.3)
                 # cp
@@ -296,7 +298,9 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
                  f"**{cpu_ratio:.2f}x** counting the processes that do the work, {machine_ratio:.2f}x "
                  "counting the whole machine")
     lines.append("- the agent's CPU-s, medians per part: " + ", ".join(
-        f"{name} {statistics.median(p[name] for p in parts):.3f}" for name in parts[0]))
+        f"{name} {statistics.median(p[name] for p in parts):.3f}" for name in parts[0])
+        + "; the floor's: " + ", ".join(
+        f"{name} {statistics.median(p[name] for p in floor_parts):.3f}" for name in floor_parts[0]))
     lines.append(f"- agent throughput vs cp: **{cp_ratio:.2f}x** (target >= 0.8: "
                  f"{'met' if cp_ratio >= 0.8 else '**MISSED**'})")
     if "rsync" in med:
