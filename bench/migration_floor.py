@@ -153,6 +153,13 @@ def receive(sock: socket.socket, fd: int, threads: int, hashing: bool) -> None:
 
 def run_tcp(src: Path, dst: Path, threads: int, hashing: bool) -> tuple[float, float]:
     """(wall seconds, CPU seconds of sender + receiver)."""
+    wall, receiver, sender = run_tcp_split(src, dst, threads, hashing)
+    return wall, receiver + sender
+
+
+def run_tcp_split(src: Path, dst: Path, threads: int, hashing: bool) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the receiver, of the sender): the receiver is this
+    process, the sender a forked child."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -179,9 +186,8 @@ def run_tcp(src: Path, dst: Path, threads: int, hashing: bool) -> tuple[float, f
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-           + kids.ru_utime - kids_before.ru_utime + kids.ru_stime - kids_before.ru_stime)
-    return wall, cpu
+    return (wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+            kids.ru_utime - kids_before.ru_utime + kids.ru_stime - kids_before.ru_stime)
 
 
 def run_cp(src: Path, dst: Path) -> tuple[float, float]:

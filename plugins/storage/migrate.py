@@ -8,7 +8,7 @@ reads the body itself (over HTTPS the agent pipes it instead): a hidden
 temporary file, hashed as it is written; the end frame's digest must match,
 qemu-img must read a qcow2 image, and only then does it get its final name and
 a row.  The source gives up its copy only after the destination's 200 (renamed
-away at once, removed in the background).  An interrupted stream (either agent
+away at once, removed in the background, both by the sender: remove_by_sender).  An interrupted stream (either agent
 killed) leaves the source as it was and, at the destination, at most a hidden
 temporary that the writer removes (EOF on its pipe from the agent) or the next
 start sweeps.  Sender and writer are started ahead (spares.py).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -48,6 +49,7 @@ from .writer import Writer, temp_name
 if TYPE_CHECKING:
     from . import Storage, StoragePlugin
 
+log = logging.getLogger("node_agent.storage")
 STREAMIO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "streamio.py")
 ALGS = ("xxh3_128", "sha256", "sha1", "sha512", "blake2b", "md5")
 
@@ -125,7 +127,11 @@ async def spawn_sender() -> Spawned:
 
 
 async def run_sender(plugin: "StoragePlugin", job, st: "Storage", rel: str, url: str, token: str,
-                     verify: bool, headers: dict[str, str], label: str) -> dict[str, Any]:
+                     verify: bool, headers: dict[str, str], label: str,
+                     then_remove: bool = False) -> dict[str, Any]:
+    """Stream ``rel`` to the destination; its reply's body.  With ``then_remove`` the sender
+    is left waiting after a 200 and returned as ``body["_sender"]``: ``remove_by_sender``
+    then has it remove the source (no process started for that)."""
     conf = plugin.conf
     alg = conf.migration_checksum
     if alg.startswith("xxh3_") and not helper_pypath():
@@ -133,14 +139,16 @@ async def run_sender(plugin: "StoragePlugin", job, st: "Storage", rel: str, url:
     cfg = {"root": st.root, "path": rel, "url": url, "token": token, "verify": verify,
            "cafile": conf.tls_ca_file, "headers": headers, "alg": alg,
            "timeout": conf.migration_stall_seconds, "parent": os.getpid(),
-           "pypath": list(helper_pypath())}
+           "pypath": list(helper_pypath()), "then_remove": then_remove}
     proc = (await plugin.sender_spare.take()).proc
     err_task = asyncio.ensure_future(proc.stderr.read(64 << 10))
     final: dict[str, Any] | None = None
+    kept = False
     try:
         proc.stdin.write(json.dumps(cfg).encode() + b"\n")
         await proc.stdin.drain()
-        proc.stdin.close()
+        if not then_remove:
+            proc.stdin.close()
         async with asyncio.timeout(conf.migration_timeout_seconds):
             while True:
                 try:
@@ -155,10 +163,14 @@ async def run_sender(plugin: "StoragePlugin", job, st: "Storage", rel: str, url:
                 msg = json.loads(line)
                 if msg.get("done"):
                     final = msg
+                    if then_remove and msg.get("status") == 200:
+                        kept = True            # it waits for REMOVE (remove_by_sender)
+                        break
                 elif msg.get("total"):
                     job.progress(100.0 * msg["sent"] / msg["total"], f"sending {label}",
                                  sentBytes=msg["sent"], totalBytes=msg["total"])
-            await proc.wait()
+            if not kept:
+                await proc.wait()
     except TimeoutError:
         kill_tree(proc.pid)
         raise errors.OperationFailed(f"sending {label} did not finish within "
@@ -167,8 +179,11 @@ async def run_sender(plugin: "StoragePlugin", job, st: "Storage", rel: str, url:
         kill_tree(proc.pid)
         raise
     finally:
-        if proc.returncode is None:
+        if proc.returncode is None and not kept:
             kill_tree(proc.pid)
+    if kept:
+        err_task.cancel()
+        return {**final["body"], "_sender": proc}
     stderr = (await err_task).decode(errors="replace")
     if final is None:
         raise errors.OperationFailed(f"the sender of {label} stopped without a result",
@@ -205,18 +220,60 @@ async def migrate_remote(plugin: "StoragePlugin", job, st: "Storage", vol: Volum
                    "X-Volume-Meta": json.dumps(meta)}
         url = f"{base}/v1/primary-storage/{dst_uuid}/volume-streams/{vol.uuid}"
         body = await run_sender(plugin, job, st, send_rel, url, dest.token or "", dest.tls_verify,
-                                headers, f"volume {vol.uuid}")
+                                headers, f"volume {vol.uuid}", then_remove=temp is None)
+        sender = body.pop("_sender", None)
         job.progress(100, "removing the source")
         # The destination has the verified copy under its final name: now the source goes.
         # The row first: from here on the destination's copy is the volume, even if the
         # source's file cannot be removed right now (it is then only logged).
-        await plugin.registry.delete_volume(vol.uuid)
-        await plugin.remove_moved(st, vol.path)
+        try:
+            await plugin.registry.delete_volume(vol.uuid)
+        except BaseException:
+            if sender is not None:
+                kill_tree(sender.pid)        # EOF would do too: the source stays
+            raise
+        if sender is None or not await remove_by_sender(plugin, st, sender, vol.path):
+            await plugin.remove_moved(st, vol.path)
         return body
     finally:
         if temp:
             plugin.remove_later(st, temp)
         plugin.sender_spare.prime_soon()
+
+
+async def remove_by_sender(plugin: "StoragePlugin", st: "Storage", proc, rel: str) -> bool:
+    """The sender that streamed ``rel`` renames it away to a hidden temporary and frees its
+    blocks (what remove_moved does, without starting a process for it).  True once it is
+    out of view; the freeing goes on in the background.  False (the sender killed): the
+    caller falls back to remove_moved."""
+    hidden = os.path.basename(temp_name(rel, plugin.tag))
+    try:
+        proc.stdin.write(f"REMOVE {hidden}\n".encode())
+        proc.stdin.close()
+        async with asyncio.timeout(plugin.conf.call_timeout_seconds):
+            line = await proc.stdout.readline()
+        if json.loads(line or b"{}").get("renamed") != hidden:
+            raise OSError("the sender did not rename the source away")
+    except Exception as e:                 # a hung storage, a dead sender: the usual way
+        kill_tree(proc.pid)                # not waited for: it may be stuck in the kernel
+        log.info("storage %s: the sender did not remove %s (%s); removing it apart", st.uuid,
+                 rel, e)
+        return False
+
+    async def freeing() -> None:           # its blocks: like remove_later's process
+        try:
+            async with asyncio.timeout(3600):
+                await proc.wait()
+        except TimeoutError:
+            log.warning("storage %s: removing %s did not finish; the next sweep does it",
+                        st.uuid, os.path.join(os.path.dirname(rel), hidden))
+        finally:
+            if proc.returncode is None:
+                kill_tree(proc.pid)
+    task = asyncio.create_task(freeing())
+    plugin._background.add(task)
+    task.add_done_callback(plugin._background.discard)
+    return True
 
 
 async def carry_image(plugin: "StoragePlugin", job, st: "Storage", vol: VolumeRow, remote: Remote,

@@ -20,7 +20,9 @@ request is written by hand (http.client alone costs 40 ms of start-up): a PUT wi
 Content-Length and ``Connection: close``; the reply is read back whole.
 
 Progress goes to stdout as JSON lines: {"sent": bytes, "total": bytes}, and at
-the end {"done": true, "status": HTTP status, "body": reply}.
+the end {"done": true, "status": HTTP status, "body": reply}.  With ``then_remove``
+the sender then waits for "REMOVE <hidden name>" on stdin and removes the moved
+source itself (``remove_moved``), the agent's stdin staying open for that line.
 """
 
 from __future__ import annotations
@@ -185,14 +187,45 @@ def emit(obj: dict) -> None:
 
 def send(cfg: dict) -> int:
     root, rel = cfg["root"], cfg["path"]
-    alg = cfg.get("alg", "sha256")
-    frame_size = int(cfg.get("frame", FRAME_SIZE))
     timeout = float(cfg.get("timeout", 120))
     dfd, name = fsworker.parent_of(root, rel)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except BaseException:
+        os.close(dfd)
+        raise
+    try:
+        rc = _send_file(cfg, fd, timeout)
+    finally:
+        os.close(fd)
+    try:
+        if rc == 0 and cfg.get("then_remove"):
+            remove_moved(dfd, name)
     finally:
         os.close(dfd)
+    return rc
+
+
+def remove_moved(dfd: int, name: str) -> None:
+    """After the destination's 200, the agent may say "REMOVE <hidden name>" on stdin (once
+    the volume's row is gone there): rename the source away (out of view at once), say so,
+    then free its blocks (a while for a big file; the agent does not wait for that).  EOF
+    instead: the source stays.  This saves starting another process to remove it."""
+    control = sys.stdin.readline().split()
+    if control[:1] != ["REMOVE"] or len(control) != 2 or "/" in control[1] \
+            or not control[1].startswith(".") or fsworker.PART_MARK not in control[1]:
+        return                 # only ever to a hidden temporary beside it
+    hidden = control[1]
+    os.rename(name, hidden, src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.fsync(dfd)
+    emit({"renamed": hidden})
+    os.unlink(hidden, dir_fd=dfd)
+    emit({"removed": hidden})
+
+
+def _send_file(cfg: dict, fd: int, timeout: float) -> int:
+    alg = cfg.get("alg", "sha256")
+    frame_size = int(cfg.get("frame", FRAME_SIZE))
     size = os.fstat(fd).st_size
     plan = frames(extents(fd, size), frame_size)
     total = sum(n for _, n in plan)
