@@ -40,7 +40,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from agentproc import AgentProcess  # noqa: E402
-from benchlib import cpu_model, fill_half_holes, git_head  # noqa: E402
+from benchlib import cpu_model, fill_half_holes, git_head, own_tmpfs  # noqa: E402
 from migration_floor import run_tcp_split  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -536,12 +535,10 @@ def _stuck_helper(p: Path, mntns: str) -> bool:
 # --- main ----------------------------------------------------------------------------------------------
 
 async def main_async(args) -> int:
-    # A tmpfs of our own (like /dev/shm, which is under /dev: no allowed root may be there).
-    base = Path(tempfile.mkdtemp(prefix="storage-bench-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "storage-bench", str(base)], check=True)
     sections: list[str] = []
     load_before = os.getloadavg()[0]
-    try:
+    # A tmpfs of our own (like /dev/shm, which is under /dev: no allowed root may be there).
+    with own_tmpfs("storage-bench-") as base:
         if args.what in ("all", "migration"):
             lines, _ = await bench_migration(base / "m", args.rounds, not args.no_rsync)
             sections += ["#### Migration of a 1 GiB volume, half holes", ""] + lines + [""]
@@ -554,10 +551,6 @@ async def main_async(args) -> int:
             lines, _ = await bench_hang(base / "h", args.seconds)
             sections += ["#### Ping while 50 statvfs calls hang", ""] + lines + [""]
             print("\n".join(lines), flush=True)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-        subprocess.run(["umount", "-l", str(base)], check=False)
-        os.rmdir(base)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = [f"### Storage run of {now}", "", f"Machine: {machine()}.  ",
               f"Data on a tmpfs; {args.rounds} round(s) per contender, alternating; "
