@@ -7,11 +7,15 @@ import asyncio
 import hashlib
 import os
 import subprocess
+import tempfile
+import time
 
 import pytest
 from aiohttp import web
 
+from agent import errors
 from conftest import submit
+from plugins.storage.imagecache import Fetcher
 from storage_helpers import add_storage, fast_storage, get, job, uid
 
 BS = "/v1/backup-storage"
@@ -184,14 +188,70 @@ async def test_image_store_bad_input_changes_nothing(bagent, http, tmp_path, ser
     assert os.listdir(root / "blobs") == []
     status, body = await get(http, bagent, f"{BS}/{bs}/images")
     assert body["inventories"] == []
-    # file:// from a confined place works, verified
+    # file:// whose last component leaves the allowed roots (a symlink to a file outside,
+    # readable by the agent's root), or is no regular file (a FIFO would hold the reader):
+    # a 400 at submission, nothing read or kept
+    outside = tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="node-agent-secret-")
+    outside.write(b"not for the store " + os.urandom(64))
+    outside.flush()
     src = tmp_path / "src"
     src.mkdir()
+    (src / "shadow.raw").symlink_to(outside.name)
+    (src / "passwd.raw").symlink_to("/etc/passwd")
+    (src / "dir.raw").mkdir()
+    os.mkfifo(src / "fifo.raw")
+    with outside:
+        for name in ("shadow.raw", "passwd.raw", "dir.raw", "fifo.raw", "missing.raw"):
+            status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                        {"params": {"url": f"file://{src}/{name}"}})
+            assert status == 400 and "url" in body["error"]["description"], (name, body)
+        assert os.listdir(root / "blobs") == []
+        status, body = await get(http, bagent, f"{BS}/{bs}/images")
+        assert body["inventories"] == []
+    # file:// from a confined place works, verified
     (src / "b.qcow2").write_bytes(data)
     status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
                              {"params": {"url": f"file://{src}/b.qcow2",
                                          "sha256": hashlib.sha256(data).hexdigest()}})
     assert status == 200 and body["inventory"]["format"] == "qcow2", body
+
+
+async def test_file_source_reader_opens_only_the_checked_path(tmp_path):
+    """The fetcher process (streamio.py fetch) reads a file:// source at the path the agent
+    checked and nowhere else, whatever changed there since the check: a symlink put as the
+    last component, a directory on the way swapped for a symlink, a FIFO (refused at once,
+    not held until the stall timeout). Nothing of the target is kept."""
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.raw").write_bytes(b"fine " * 1000)
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="node-agent-outside-") as out:
+        secret = b"not for the store " + os.urandom(64)
+        with open(os.path.join(out, "img.raw"), "wb") as f:
+            f.write(secret)
+        (src / "link.raw").symlink_to(os.path.join(out, "img.raw"))
+        (tmp_path / "swapped").symlink_to(out)         # was a directory when checked
+        os.mkfifo(src / "fifo.raw")
+        for path in (src / "link.raw", tmp_path / "swapped" / "img.raw", src / "fifo.raw"):
+            f = Fetcher(str(store), "blobs/.x.part-test", f"file://{path}", "sha256", stall=10,
+                        ca_file=None, local_file=str(path))
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(errors.OperationFailed) as e:
+                    await f.run(lambda done, total: None, 20)
+            finally:
+                await f.abort()
+            assert time.monotonic() - t0 < 5, (path, e.value)
+            assert "stall" not in str(e.value) and "progress" not in str(e.value), e.value
+            assert os.listdir(store / "blobs") == [], path
+        f = Fetcher(str(store), "blobs/.x.part-test", f"file://{src}/ok.raw", "sha256", stall=10,
+                    ca_file=None, local_file=str(src / "ok.raw"))
+        try:
+            report = await f.run(lambda done, total: None, 20)
+        finally:
+            await f.abort()
+        assert report["digest"] == hashlib.sha256(b"fine " * 1000).hexdigest()
 
 
 async def test_export_serves_ranges_and_revokes(bagent, http, tmp_path, server):
