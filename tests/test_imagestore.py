@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -331,3 +332,52 @@ async def test_collections_list_every_kind_and_dispatch(bagent, http, tmp_path):
     assert status == 200, body
     status, body = await get(http, bagent, "/v1/primary-storage")
     assert body["inventories"] == []
+
+
+async def test_image_store_creates_follow_the_resource_uuid_rule(bagent, http, tmp_path, server):
+    """Issue 13.3 for the image store's two creates: resourceUuid (or uuid / imageUuid) kept
+    normalised, a used one the core's 409 SYS.1009 at submission (a uuid of any storage of
+    the node for a store), none a new random one; control characters refused by the core."""
+    import uuid as uuidlib
+    ps = uid()
+    status, body = await add_storage(http, bagent, "local", {"uuid": ps, "url": str(tmp_path / "ps")})
+    assert status == 200, body
+    want = uuidlib.uuid4()
+    status, body = await add_store(http, bagent, tmp_path / "s1", resourceUuid=str(want).upper())
+    assert status == 200 and body["inventory"]["uuid"] == want.hex, body
+    bs = want.hex
+    for params in ({"resourceUuid": bs, "url": str(tmp_path / "s2")},
+                   {"uuid": str(want), "url": str(tmp_path / "s2")},
+                   {"resourceUuid": bs, "url": str(tmp_path / "s1")},     # the same again
+                   {"resourceUuid": ps, "url": str(tmp_path / "s2")}):    # a primary storage's
+        status, body = await submit(http, bagent, "POST", f"{BS}/image-store", {"params": params})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", (params, body)
+    for params in ({"resourceUuid": bs, "uuid": bs, "url": str(tmp_path / "s2")},
+                   {"resourceUuid": "x" * 32, "url": str(tmp_path / "s2")},
+                   {"url": str(tmp_path / "s2"), "name": "a\nb"},
+                   {"url": str(tmp_path / "s2"), "hostname": "h\x00"}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/image-store", {"params": params})
+        assert status == 400, (params, body)
+    assert not (tmp_path / "s2").exists()
+    status, body = await add_store(http, bagent, tmp_path / "s3")
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", body["inventory"]["uuid"]), body
+
+    (tmp_path / "served" / "i.raw").write_bytes(os.urandom(1 << 20))
+    im = uuidlib.uuid4()
+    status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
+                             {"params": {"resourceUuid": str(im), "url": server.url("i.raw")}})
+    assert status == 200 and body["inventory"]["uuid"] == im.hex, body
+    for params in ({"resourceUuid": im.hex}, {"imageUuid": str(im).upper()}, {"uuid": im.hex}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                    {"params": {**params, "url": server.url("i.raw")}})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", (params, body)
+    for params in ({"imageUuid": im.hex, "uuid": im.hex}, {"imageUuid": "0" * 32},
+                   {"name": "x\ty"}, {"description": "\x7f"}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                    {"params": {**params, "url": server.url("i.raw")}})
+        assert status == 400, (params, body)
+    status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
+                             {"params": {"url": server.url("i.raw")}})
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", body["inventory"]["uuid"]), body
+    status, body = await get(http, bagent, f"{BS}/{bs}/images", {"count": "true"})
+    assert body == {"total": 2}
