@@ -3,7 +3,6 @@ against real agent processes, a real HTTP server (with Range) and real qemu-img.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re

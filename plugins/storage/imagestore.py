@@ -647,7 +647,8 @@ def kind(p: "StoragePlugin") -> StorageKind:
         return await p.add_store_image(job, params, uuid)
 
     return StorageKind(
-        category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name, uuids=lambda: list(p.image_stores),
+        category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name,
+        uuids=lambda: list(p.image_stores),
         inventory=lambda u: p.store_inventory(p.get_store(u)), capacity=p.store_capacity,
         delete=p.store_delete, check_delete=p.store_delete_check, available=unavailable,
         actions={
