@@ -3,15 +3,19 @@ against real agent processes, a real HTTP server (with Range) and real qemu-img.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
+import re
 import subprocess
+import tempfile
+import time
 
 import pytest
 from aiohttp import web
 
+from agent import errors
 from conftest import submit
+from plugins.storage.imagecache import Fetcher
 from storage_helpers import add_storage, fast_storage, get, job, uid
 
 BS = "/v1/backup-storage"
@@ -184,14 +188,70 @@ async def test_image_store_bad_input_changes_nothing(bagent, http, tmp_path, ser
     assert os.listdir(root / "blobs") == []
     status, body = await get(http, bagent, f"{BS}/{bs}/images")
     assert body["inventories"] == []
-    # file:// from a confined place works, verified
+    # file:// whose last component leaves the allowed roots (a symlink to a file outside,
+    # readable by the agent's root), or is no regular file (a FIFO would hold the reader):
+    # a 400 at submission, nothing read or kept
+    outside = tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="node-agent-secret-")
+    outside.write(b"not for the store " + os.urandom(64))
+    outside.flush()
     src = tmp_path / "src"
     src.mkdir()
+    (src / "shadow.raw").symlink_to(outside.name)
+    (src / "passwd.raw").symlink_to("/etc/passwd")
+    (src / "dir.raw").mkdir()
+    os.mkfifo(src / "fifo.raw")
+    with outside:
+        for name in ("shadow.raw", "passwd.raw", "dir.raw", "fifo.raw", "missing.raw"):
+            status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                        {"params": {"url": f"file://{src}/{name}"}})
+            assert status == 400 and "url" in body["error"]["description"], (name, body)
+        assert os.listdir(root / "blobs") == []
+        status, body = await get(http, bagent, f"{BS}/{bs}/images")
+        assert body["inventories"] == []
+    # file:// from a confined place works, verified
     (src / "b.qcow2").write_bytes(data)
     status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
                              {"params": {"url": f"file://{src}/b.qcow2",
                                          "sha256": hashlib.sha256(data).hexdigest()}})
     assert status == 200 and body["inventory"]["format"] == "qcow2", body
+
+
+async def test_file_source_reader_opens_only_the_checked_path(tmp_path):
+    """The fetcher process (streamio.py fetch) reads a file:// source at the path the agent
+    checked and nowhere else, whatever changed there since the check: a symlink put as the
+    last component, a directory on the way swapped for a symlink, a FIFO (refused at once,
+    not held until the stall timeout). Nothing of the target is kept."""
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.raw").write_bytes(b"fine " * 1000)
+    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="node-agent-outside-") as out:
+        secret = b"not for the store " + os.urandom(64)
+        with open(os.path.join(out, "img.raw"), "wb") as f:
+            f.write(secret)
+        (src / "link.raw").symlink_to(os.path.join(out, "img.raw"))
+        (tmp_path / "swapped").symlink_to(out)         # was a directory when checked
+        os.mkfifo(src / "fifo.raw")
+        for path in (src / "link.raw", tmp_path / "swapped" / "img.raw", src / "fifo.raw"):
+            f = Fetcher(str(store), "blobs/.x.part-test", f"file://{path}", "sha256", stall=10,
+                        ca_file=None, local_file=str(path))
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(errors.OperationFailed) as e:
+                    await f.run(lambda done, total: None, 20)
+            finally:
+                await f.abort()
+            assert time.monotonic() - t0 < 5, (path, e.value)
+            assert "stall" not in str(e.value) and "progress" not in str(e.value), e.value
+            assert os.listdir(store / "blobs") == [], path
+        f = Fetcher(str(store), "blobs/.x.part-test", f"file://{src}/ok.raw", "sha256", stall=10,
+                    ca_file=None, local_file=str(src / "ok.raw"))
+        try:
+            report = await f.run(lambda done, total: None, 20)
+        finally:
+            await f.abort()
+        assert report["digest"] == hashlib.sha256(b"fine " * 1000).hexdigest()
 
 
 async def test_export_serves_ranges_and_revokes(bagent, http, tmp_path, server):
@@ -271,3 +331,52 @@ async def test_collections_list_every_kind_and_dispatch(bagent, http, tmp_path):
     assert status == 200, body
     status, body = await get(http, bagent, "/v1/primary-storage")
     assert body["inventories"] == []
+
+
+async def test_image_store_creates_follow_the_resource_uuid_rule(bagent, http, tmp_path, server):
+    """Issue 13.3 for the image store's two creates: resourceUuid (or uuid / imageUuid) kept
+    normalised, a used one the core's 409 SYS.1009 at submission (a uuid of any storage of
+    the node for a store), none a new random one; control characters refused by the core."""
+    import uuid as uuidlib
+    ps = uid()
+    status, body = await add_storage(http, bagent, "local", {"uuid": ps, "url": str(tmp_path / "ps")})
+    assert status == 200, body
+    want = uuidlib.uuid4()
+    status, body = await add_store(http, bagent, tmp_path / "s1", resourceUuid=str(want).upper())
+    assert status == 200 and body["inventory"]["uuid"] == want.hex, body
+    bs = want.hex
+    for params in ({"resourceUuid": bs, "url": str(tmp_path / "s2")},
+                   {"uuid": str(want), "url": str(tmp_path / "s2")},
+                   {"resourceUuid": bs, "url": str(tmp_path / "s1")},     # the same again
+                   {"resourceUuid": ps, "url": str(tmp_path / "s2")}):    # a primary storage's
+        status, body = await submit(http, bagent, "POST", f"{BS}/image-store", {"params": params})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", (params, body)
+    for params in ({"resourceUuid": bs, "uuid": bs, "url": str(tmp_path / "s2")},
+                   {"resourceUuid": "x" * 32, "url": str(tmp_path / "s2")},
+                   {"url": str(tmp_path / "s2"), "name": "a\nb"},
+                   {"url": str(tmp_path / "s2"), "hostname": "h\x00"}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/image-store", {"params": params})
+        assert status == 400, (params, body)
+    assert not (tmp_path / "s2").exists()
+    status, body = await add_store(http, bagent, tmp_path / "s3")
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", body["inventory"]["uuid"]), body
+
+    (tmp_path / "served" / "i.raw").write_bytes(os.urandom(1 << 20))
+    im = uuidlib.uuid4()
+    status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
+                             {"params": {"resourceUuid": str(im), "url": server.url("i.raw")}})
+    assert status == 200 and body["inventory"]["uuid"] == im.hex, body
+    for params in ({"resourceUuid": im.hex}, {"imageUuid": str(im).upper()}, {"uuid": im.hex}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                    {"params": {**params, "url": server.url("i.raw")}})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", (params, body)
+    for params in ({"imageUuid": im.hex, "uuid": im.hex}, {"imageUuid": "0" * 32},
+                   {"name": "x\ty"}, {"description": "\x7f"}):
+        status, body = await submit(http, bagent, "POST", f"{BS}/{bs}/images",
+                                    {"params": {**params, "url": server.url("i.raw")}})
+        assert status == 400, (params, body)
+    status, body = await job(http, bagent, "POST", f"{BS}/{bs}/images",
+                             {"params": {"url": server.url("i.raw")}})
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", body["inventory"]["uuid"]), body
+    status, body = await get(http, bagent, f"{BS}/{bs}/images", {"count": "true"})
+    assert body == {"total": 2}

@@ -5,6 +5,7 @@ lost at the source, a wrong token or an unreachable agent a clear job error."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 
@@ -146,3 +147,31 @@ async def test_kill9_source_mid_stream_leaves_nothing(pair, http, tmp_path):
     assert (await get(http, dst, f"{BS}/{b}/images"))[1]["inventories"] == []
     src.start()
     assert (await get(http, src, f"{BS}/{a}/images/{im}"))[0] == 200
+
+
+async def test_image_stream_header_strings_are_checked(pair, http, tmp_path):
+    """The receiving route is raw (its body is the image), so the server's check of request
+    strings never sees X-Image-Meta: a control character there, a bad md5 or a path segment
+    that is no uuid is a 400 of its own, and nothing is listed or kept."""
+    _, dst = pair
+    b = uid()
+    status, reply = await job(http, dst, "POST", f"{BS}/image-store",
+                              {"params": {"resourceUuid": b, "url": str(tmp_path / "B")}})
+    assert status == 200, reply
+    data = b"x" * 4096
+    sha = hashlib.sha256(data).hexdigest()
+    good = {"name": "n", "description": None, "url": None, "md5": None, "size": len(data)}
+    for image_uuid, meta in ((uid(), {**good, "name": "evil\nname"}),
+                             (uid(), {**good, "description": "a\u2028b"}),
+                             (uid(), {**good, "md5": "zz"}),
+                             (uid(), {**good, "bogus": 1}),
+                             ("-" * 32, good)):
+        headers = {**dst.headers, "X-Image-Sha256": sha, "X-Image-Format": "raw",
+                   "X-Checksum-Algorithm": "sha256", "X-File-Size": str(len(data)),
+                   "X-Image-Meta": json.dumps(meta)}
+        async with http.put(f"{dst.url}{BS}/{b}/image-streams/{image_uuid}", data=data,
+                            headers=headers) as r:
+            got = await r.json()
+            assert r.status == 400, (meta, got)
+    assert (await get(http, dst, f"{BS}/{b}/images"))[1]["inventories"] == []
+    assert os.listdir(tmp_path / "B" / "blobs") == []

@@ -4,6 +4,8 @@ listed, read, measured, acted on and deleted through /v1/{primary,backup}-storag
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ceph_fixture import ceph_cluster  # noqa: F401 (fixture)
@@ -110,6 +112,11 @@ async def test_image_store_to_ceph_and_image_store_on_the_same_node(cagent, ceph
                              {"migrateImage": {"destination": {"backupStorageUuid": s2}}})
     assert status == 200 and body["inventory"]["sha256"] == sha, body
     assert (tmp_path / "is2" / "blobs" / sha).read_bytes() == data
+    # again: the image is there, the create's resourceUuid rule holds (a job error, nothing new)
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": s2}}})
+    assert status != 200 and body["error"]["code"] == "SYS.1009", body
+    assert sorted(os.listdir(tmp_path / "is2" / "blobs")) == [sha]
     # the one-off exports are gone; the source keeps its image
     assert (await get(http, cagent, f"/v1/backup-storage/{s1}/images/{im}"))[0] == 200
     # refused before anything runs: itself, an unknown storage, no token with a url

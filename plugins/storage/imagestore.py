@@ -37,7 +37,7 @@ from agent.models import Empty
 from agent.plugin import action, create, delete, get, query, raw
 from agent.storage_kinds import BACKUP, KindAction, StorageKind
 
-from . import imagecache, imagestore_migrate, nfs, volumes
+from . import imagecache, imagestore_migrate, volumes
 from .fsclient import FsError, FsHelper, StorageHung
 from .imagestore_db import ImageStoreDb, StoreImage, StoreRow, blob_path
 from .imagestore_models import (IMAGE_STORE, AddImageStoreBackupStorage, AddStoreImage,
@@ -59,11 +59,6 @@ BLOBS = "blobs"
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _no_control(v: str | None, what: str) -> None:
-    if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
-        raise errors.BadRequest(f"{what} holds control characters", code="STORAGE.1001")
-
-
 def _bad(msg: str) -> errors.BadRequest:
     return errors.BadRequest(msg, code="STORAGE.1001")
 
@@ -75,19 +70,14 @@ class ImageStoreRoutes:
 
     image_stores: dict[str, "Storage"]
 
-    # -- the path rule: one seam (agent/paths.py's allowed roots take its place) --------------------
+    # -- the path rule ------------------------------------------------------------------------------
     async def confine_dir(self: "StoragePlugin", path: str, what: str) -> str:
-        """A directory path a store may use: the core's path rule (agent/paths.py: under
-        [storage] allowed_roots, never a protected directory), and no symlink on the way
-        (its deepest existing ancestor resolves to itself, read by a helper process so a
-        hung filesystem costs a process).  Raises a 400."""
-        try:
-            norm = nfs.check_dir_path(path, what)
-        except nfs.BadInput as e:
-            raise _bad(str(e)) from None
-        state = os.path.normpath(str(self.agent.state_dir))
-        if norm == state or norm.startswith(state + "/") or state.startswith(norm + "/"):
-            raise _bad(f"{what} {norm} overlaps the agent's state directory")
+        """A directory path a store may use: the core's path rule (agent/paths.py: its shape,
+        under [storage] allowed_roots, never a protected directory such as the state
+        directory), and, stricter, no symlink on the way (its deepest existing ancestor
+        resolves to itself, read by a helper process so a hung filesystem costs a process).
+        Raises a 400."""
+        norm = paths.check_shape(path, what)
         cur = norm
         while cur != "/":
             h = FsHelper("confine", cur, self.tag, timeout=self.conf.call_timeout_seconds, max_stuck=1)
@@ -241,10 +231,9 @@ class ImageStoreRoutes:
     async def add_image_store(self: "StoragePlugin", job, params: AddImageStoreBackupStorage):
         """AddImageStoreBackupStorage: a directory of this node (made when missing), claimed."""
         url = await self.confine_dir(params.url, "url")
-        uuid = params.storage_uuid() or uuidlib.uuid4().hex
-        existing = self.image_stores.get(uuid)
-        if existing is not None:
-            return {"inventory": self.store_inventory(existing)}
+        uuid = params.resource_uuid                # decided by the core
+        if await self._store_uuid_used(uuid):     # taken since the request's check
+            raise errors.Conflict(f"resourceUuid {uuid} is already in use", code="SYS.1009")
         self._store_overlap(url, uuid)
         row = StoreRow(uuid=uuid, name=params.name, url=url, description=params.description,
                        hostname=params.hostname, username=params.username)
@@ -264,22 +253,16 @@ class ImageStoreRoutes:
         st.monitor = asyncio.create_task(self._store_monitor(st), name=f"imagestore-{uuid}")
         return {"inventory": self.store_inventory(st)}
 
+    @add_image_store.exists
+    async def _store_uuid_used(self: "StoragePlugin", new_uuid: str) -> bool:
+        """Any storage of this node, of either category and any plugin (the core's registry;
+        an image store being registered is in it already)."""
+        return any(new_uuid in k.uuids() for k in self.agent.storage_kinds.kinds)
+
     @add_image_store.check
     async def _add_image_store_check(self: "StoragePlugin", params: AddImageStoreBackupStorage) -> None:
-        for v, what in ((params.name, "name"), (params.description, "description"),
-                        (params.hostname, "hostname"), (params.username, "username")):
-            _no_control(v, what)
         url = await self.confine_dir(params.url, "url")
-        uuid = params.storage_uuid()
-        existing = self.image_stores.get(uuid) if uuid else None
-        if existing is not None:
-            if existing.store.url != url:
-                raise errors.Conflict(f"image store {uuid} is already registered at "
-                                      f"{existing.store.url}", code="STORAGE.1009")
-            return
-        if uuid and uuid in self.storages:
-            raise errors.Conflict(f"{uuid} is a primary storage", code="STORAGE.1009")
-        self._store_overlap(url, uuid or "")
+        self._store_overlap(url, params.resource_uuid)
 
     @query(BS, model=ImageStoreInventory)
     async def query_image_stores(self: "StoragePlugin") -> list[dict[str, Any]]:
@@ -311,8 +294,6 @@ class ImageStoreRoutes:
 
     async def store_update_check(self: "StoragePlugin", params: UpdateImageStore, uuid: str) -> None:
         self.get_store(uuid)
-        for k in ("name", "description", "hostname", "username"):
-            _no_control(getattr(params, k), k)
 
     async def store_update(self: "StoragePlugin", job, params: UpdateImageStore, uuid: str):
         """updateBackupStorage: name, description, hostname, username (the url stays)."""
@@ -396,7 +377,10 @@ class ImageStoreRoutes:
         return {"inventory": self.store_image_inventory(st, await self._store_image(st, imageUuid))}
 
     async def _source(self: "StoragePlugin", url: str) -> str | None:
-        """The local path of a file:// source (confined like a store's url), or None for http(s)."""
+        """The local path of a file:// source, or None for http(s).  Its directory is confined
+        like a store's url; the file itself must be a regular file, not a symlink (which
+        could point anywhere, /etc/shadow included), nor a FIFO or device (lstat in a helper
+        process; the fetcher opens it with O_NOFOLLOW and checks again what it opened)."""
         if url.startswith("file://"):
             u = URL(url)
             if u.host not in (None, "", "localhost") or u.query_string or u.fragment:
@@ -406,6 +390,19 @@ class ImageStoreRoutes:
             name = os.path.basename(path)
             if name.startswith(".") or not re.fullmatch(r"[A-Za-z0-9._+@=,-]{1,255}", name):
                 raise _bad(f"url {url!r}: not a plain file name")
+            h = FsHelper("source", parent, self.tag, timeout=self.conf.call_timeout_seconds,
+                         max_stuck=1)
+            try:
+                found = await h.call("lookup", path=name)
+            except FsError as e:
+                raise _bad(f"url {url!r}: {e}") from None
+            finally:
+                await h.close()
+            if not found["exists"]:
+                raise _bad(f"url {url!r}: no such file")
+            if found["type"] != "file":
+                raise _bad(f"url {url!r}: not a regular file (a {found['type']}); a symlink "
+                           "is refused, give the file's real path")
             return os.path.join(parent, name)
         imagecache.check_url(url)
         return None
@@ -415,16 +412,12 @@ class ImageStoreRoutes:
         """Import an image (http/https/file URL): checksums verified in the same pass, stored by
         its sha256 (content already in the store takes no new space)."""
         st = self.get_store(uuid)
-        iu = norm_uuid(params.image_uuid or params.uuid or uuidlib.uuid4().hex)
+        iu = params.resource_uuid                  # decided by the core
         want_sha, want_md5 = params.wanted()
         local = await self._source(params.url)
         with self.busy(st, f"img:{iu}"):
-            existing = await self.isdb.image(st.uuid, iu)
-            if existing is not None:
-                if (want_sha and want_sha != existing.sha256) or \
-                        (want_md5 and existing.md5 and want_md5 != existing.md5):
-                    raise errors.Conflict(f"image {iu} exists with another content", code="STORAGE.1009")
-                return {"inventory": self.store_image_inventory(st, existing)}
+            if await self.isdb.image(st.uuid, iu) is not None:   # made since the request's check
+                raise errors.Conflict(f"resourceUuid {iu} is already in use", code="SYS.1009")
             async with st.commit_lock:       # reclaim waits: the blob stays while it is named
                 row = await self._known_content(st, iu, params, want_sha, want_md5)
             if row is not None:
@@ -499,18 +492,20 @@ class ImageStoreRoutes:
                      seconds=round(report["seconds"], 3))
         return row
 
+    @add_store_image.exists
+    async def _store_image_uuid_used(self: "StoragePlugin", new_uuid: str, uuid: str) -> bool:
+        """An image of this store, or one being imported or received into it."""
+        st = self.image_stores.get(norm_uuid(uuid))
+        return st is not None and (f"img:{new_uuid}" in st.busy or
+                                   await self.isdb.image(st.uuid, new_uuid) is not None)
+
     @add_store_image.check
     async def _add_store_image_check(self: "StoragePlugin", params: AddStoreImage, uuid: str) -> None:
         st = self.get_store(uuid)
-        _no_control(params.name, "name")
-        _no_control(params.description, "description")
         if ".." in params.name or "/" in params.name:
             raise _bad("name must not hold '..' or '/'")
         params.wanted()
         await self._source(params.url)
-        iu = norm_uuid(params.image_uuid or params.uuid or "")
-        if iu and f"img:{iu}" in st.busy:
-            raise errors.Conflict(f"image {iu} is being imported", code="STORAGE.1009")
         self.store_usable(st)
 
     @delete(IMG)
@@ -638,14 +633,22 @@ def kind(p: "StoragePlugin") -> StorageKind:
         return None if p.available else (p.unavailable_reason or "the storage plugin is down")
 
     async def import_image(job, uuid: str, img: dict[str, Any]) -> Any:
-        params = AddStoreImage(url=img["url"], image_uuid=img.get("imageUuid"),
-                               name=img.get("name") or "", sha256=img.get("sha256"),
-                               md5sum=img.get("md5"))
+        """Another backup storage of this node hands over an image (migrateImage): the image
+        keeps its uuid, and the create's resourceUuid rule holds as if it came by HTTP."""
+        params = AddStoreImage.model_validate({
+            "url": img["url"], "imageUuid": img.get("imageUuid"), "name": img.get("name") or "",
+            "sha256": img.get("sha256"), "md5sum": img.get("md5")})
+        if params.resource_uuid is None:
+            params.resource_uuid = uuidlib.uuid4().hex
+        elif await p._store_image_uuid_used(params.resource_uuid, uuid):
+            raise errors.Conflict(f"image {params.resource_uuid} already exists in image store "
+                                  f"{uuid}", code="SYS.1009")
         await p._add_store_image_check(params, uuid)
         return await p.add_store_image(job, params, uuid)
 
     return StorageKind(
-        category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name, uuids=lambda: list(p.image_stores),
+        category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name,
+        uuids=lambda: list(p.image_stores),
         inventory=lambda u: p.store_inventory(p.get_store(u)), capacity=p.store_capacity,
         delete=p.store_delete, check_delete=p.store_delete_check, available=unavailable,
         actions={

@@ -22,10 +22,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from agent import errors
 from agent.models import WireModel
+from agent.validation import ControlCharError, normalize_uuid, refuse_control_chars
 from agent.storage_kinds import BACKUP
 
 from . import migrate
@@ -54,6 +55,16 @@ class MigrateImage(WireModel):
     destination: ImageDestination
     backup_storage_uuid: str | None = Field(None, pattern=UUID_RE,
                                             description="same as destination.backupStorageUuid")
+
+
+class StreamMeta(WireModel):
+    """X-Image-Meta of an image stream: the source's row (a raw route: the server's checks
+    of request strings do not see a header, so this model and refuse_control_chars do)."""
+    name: str = Field("", max_length=255)
+    description: str | None = Field(None, max_length=2048)
+    url: str | None = Field(None, max_length=4096)
+    md5: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    size: int | None = Field(None, ge=0)
 
 
 async def preflight(remote: migrate.Remote, dst: str, image_uuid: str) -> None:
@@ -122,18 +133,26 @@ async def send_local(plugin: "StoragePlugin", job, st: "Storage", img: StoreImag
 async def receive(plugin: "StoragePlugin", request: web.Request) -> web.StreamResponse:
     """PUT /v1/backup-storage/{uuid}/image-streams/{imageUuid}: the body of a migrating image."""
     st = plugin.get_store(request.match_info["uuid"])
-    obj = request.match_info["imageUuid"].replace("-", "").lower()
+    try:
+        obj = normalize_uuid(request.match_info["imageUuid"])
+    except ValueError as e:
+        raise errors.BadRequest(f"imageUuid: {e}", code="STORAGE.1001") from None
     plugin.store_usable(st)
     sha = request.headers.get("X-Image-Sha256", "")
     fmt = request.headers.get("X-Image-Format", "")
     alg = request.headers.get("X-Checksum-Algorithm", "")
     try:
-        meta = json.loads(request.headers.get("X-Image-Meta") or "{}")
+        raw_meta = json.loads(request.headers.get("X-Image-Meta") or "{}")
+        refuse_control_chars(StreamMeta, raw_meta)
+        meta = StreamMeta.model_validate(raw_meta)
         file_size = int(request.headers.get("X-File-Size", ""))
-    except ValueError:
-        raise errors.BadRequest("bad X-Image-Meta or X-File-Size header", code="STORAGE.1001") from None
+    except (ValueError, ControlCharError, ValidationError) as e:
+        why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) \
+            if isinstance(e, ValidationError) else str(e)
+        raise errors.BadRequest(f"bad X-Image-Meta or X-File-Size header: {why}",
+                                code="STORAGE.1001") from None
     if not SHA256_RE.match(sha) or not re.fullmatch(r"[a-z0-9]{1,16}", fmt) or \
-            alg not in migrate.ALGS or not isinstance(meta, dict):
+            alg not in migrate.ALGS:
         raise errors.BadRequest("bad X-Image-Sha256, X-Image-Format, X-Checksum-Algorithm or "
                                 "X-Image-Meta", code="STORAGE.1001")
     if alg.startswith("xxh3_") and not migrate.helper_pypath():
@@ -154,7 +173,7 @@ async def receive(plugin: "StoragePlugin", request: web.Request) -> web.StreamRe
 
 
 async def _receive(plugin: "StoragePlugin", request: web.Request, st: "Storage", obj: str, sha: str,
-                   fmt: str, alg: str, meta: dict, file_size: int,
+                   fmt: str, alg: str, meta: StreamMeta, file_size: int,
                    sock_fd: int | None) -> web.StreamResponse:
     writer = Writer(st.uuid, st.root, temp_name(f"blobs/{obj}", plugin.tag), alg, "stream",
                     plugin.conf.migration_stall_seconds, sock_fd=sock_fd)
@@ -185,12 +204,9 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, st: "Storage",
                 await writer.abort()             # that content is here already
             else:
                 await writer.commit(blob_path(sha))
-            md5 = meta.get("md5")
-            row = StoreImage(bs_uuid=st.uuid, uuid=obj, name=str(meta.get("name") or ""), sha256=sha,
-                             format=fmt, size=int(meta.get("size") or file_size),
-                             actual_size=file_size, url=meta.get("url") if isinstance(meta.get("url"), str) else None,
-                             md5=md5 if isinstance(md5, str) and re.fullmatch(r"[0-9a-f]{32}", md5) else None,
-                             description=meta.get("description") if isinstance(meta.get("description"), str) else None)
+            row = StoreImage(bs_uuid=st.uuid, uuid=obj, name=meta.name, sha256=sha, format=fmt,
+                             size=meta.size or file_size, actual_size=file_size, url=meta.url,
+                             md5=meta.md5, description=meta.description)
             await plugin.isdb.save_image(row)
     except errors.ApiError as e:
         await writer.abort()

@@ -8,19 +8,20 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from agent import errors
-from agent.models import WireModel
+from agent.models import CreateParams, WireModel, resource_uuid_field
+from agent.validation import ResourceUuid
 
-from .models import UUID_RE, norm_uuid
+from .models import UUID_RE
 
 IMAGE_STORE = "ImageStoreBackupStorage"
 
 
 # --- parameters and inventories ----------------------------------------------------------------
 
-class AddImageStoreBackupStorage(WireModel):
-    """url: a directory of this node (made when missing)."""
-    uuid: str | None = Field(None, pattern=UUID_RE)
-    resource_uuid: str | None = Field(None, pattern=UUID_RE)
+class AddImageStoreBackupStorage(CreateParams):
+    """url: a directory of this node (made when missing) under [storage] allowed_roots,
+    reached without a symlink; resourceUuid (or uuid): the core's rule, a uuid of any
+    storage of this node is a 409."""
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     url: str = Field(min_length=1, max_length=4096)
@@ -31,10 +32,6 @@ class AddImageStoreBackupStorage(WireModel):
     ssh_port: int | None = Field(None, ge=1, le=65535, description="ignored")
     type: str | None = None
     zone_uuid: str | None = Field(None, pattern=UUID_RE)
-
-    def storage_uuid(self) -> str | None:
-        u = self.uuid or self.resource_uuid
-        return norm_uuid(u) if u else None
 
 
 class ImageStoreInventory(WireModel):
@@ -61,9 +58,9 @@ class ImageStoreReply(WireModel):
     inventory: ImageStoreInventory
 
 
-class AddStoreImage(WireModel):
-    image_uuid: str | None = Field(None, pattern=UUID_RE, description="default: a new uuid")
-    uuid: str | None = Field(None, pattern=UUID_RE, description="same as imageUuid")
+class AddStoreImage(CreateParams):
+    """resourceUuid (or imageUuid, uuid): the core's rule, an image of this store is a 409."""
+    resource_uuid: ResourceUuid | None = resource_uuid_field("uuid", "imageUuid")
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     url: str = Field(min_length=1, max_length=4096, description="http://, https:// or file:///path")

@@ -561,14 +561,20 @@ def _write_sparse(fd: int, buf: bytearray, n: int, offset: int) -> None:
 
 
 class LocalSource:
-    """A file of this node read like an HTTP response (O_NOFOLLOW: the agent checked the path)."""
+    """A file of this node read like an HTTP response, the path the agent checked (symlink-free)
+    and nothing else: O_NOFOLLOW (a symlink put there since is refused), O_NONBLOCK (a FIFO
+    cannot hold the open), a regular file, and the opened file's own path the one asked for
+    (a directory on the way swapped for a symlink since the check is refused too)."""
     status, reason = 200, "OK"
 
     def __init__(self, path: str) -> None:
-        self.f = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb", buffering=0)
+        self.f = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC),
+                      "rb", buffering=0)
         st = os.fstat(self.f.fileno())
         if not (st.st_mode & 0o170000 == 0o100000):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if os.readlink(f"/proc/self/fd/{self.f.fileno()}") != path:
+            raise OSError(errno.ELOOP, f"{path} resolves elsewhere (a symlink on the way)")
         self.length = st.st_size
 
     def readinto(self, view: memoryview) -> int:
