@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import metrics as _pm
@@ -59,6 +59,28 @@ class RequestMetrics:
         # The first bucket whose bound is >= the value ("le"), as Histogram.observe finds it.
         hist[bisect_left(self.bounds, seconds)] += 1.0
         hist[-2] += seconds
+
+    def bind(self, method: str, route: str) -> Callable[[int, float], None]:
+        """observe() for one route, as ``observe(status, seconds)``: its histogram and its
+        200 counter are found once, on first use (a route never requested still has no
+        series), instead of two tuple keys hashed per request."""
+        bounds, counts, latency, general = self.bounds, self.counts, self.latency, self.observe
+        hist: list[float] | None = None
+        ok: list[float] | None = None
+
+        def observe(status: int, seconds: float) -> None:
+            nonlocal hist, ok
+            if status != 200:
+                general(method, route, status, seconds)
+                return
+            if ok is None:
+                ok = counts.setdefault((method, route, 200), [0.0, time.time()])
+                hist = latency.setdefault((method, route),
+                                          [0.0] * len(bounds) + [0.0, time.time()])
+            ok[0] += 1.0
+            hist[bisect_left(bounds, seconds)] += 1.0
+            hist[-2] += seconds
+        return observe
 
     def describe(self) -> Iterator[Metric]:
         yield Metric("node_agent_http_requests", "HTTP requests by route and status", "counter")

@@ -181,6 +181,17 @@ class Dispatcher:
         needs_available, requires = route.needs_available, route.requires
         path_args = "{" in route.path
 
+        if not (raw or path_args or has_params) and query_model is None:
+            # Nothing taken from the request (ping): the function, then its model as JSON.
+            async def plain(request: web.Request) -> web.StreamResponse:
+                if (needs_available and not plugin.available) or requires:
+                    self.ensure_available(plugin, route)
+                result = await func(plugin)
+                if isinstance(result, BaseModel):
+                    return model_response(result)
+                return json_response(dump(result))
+            return plain
+
         async def handler(request: web.Request) -> web.StreamResponse:
             if raw:
                 if (needs_available and not plugin.available) or requires:
@@ -322,7 +333,7 @@ def build_routes(app: web.Application, ctx: AgentContext, plugins: dict[str, Plu
         resource = app.router.add_resource(path)
         name = resource.canonical
         resource.add_route(method, guard(handler, name, name not in public, token, metrics,
-                                         is_job=is_job))
+                                         is_job=is_job, method=method))
     # Last, so it only gets what no route matched. aiohttp would answer those itself with
     # a text body; this keeps our JSON error bodies, metrics and log line for them (and,
     # as before, a request to an unknown URL needs the token: no probing without it).
@@ -364,19 +375,25 @@ def unrouted_path(path: str, prefixes: frozenset[str]) -> str:
 
 def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name: str,
           needs_token: bool, token: str, metrics, is_job: bool = False,
-          unrouted: frozenset[str] | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+          unrouted: frozenset[str] | None = None,
+          method: str | None = None) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Auth, error bodies, metrics and the access log around one route's handler.
 
     A wrapper per route rather than an aiohttp middleware: a middleware costs two more
     coroutines per request (aiohttp adds its own current-app layer to the chain) and a
     route lookup, and ping must stay cheap.  The token check is a constant-time compare.
     ``unrouted`` (the catch-all's guard): the first path segments the agent routes, for
-    the access log's placeholder of an unknown URL.
+    the access log's placeholder of an unknown URL.  ``method``: the route's one method.
     """
     expected = token.encode()
     observe = metrics.observe_request
     # A secret in the URL (a {token} part: install files, inspection, consoles) is never logged.
     log_path = name if "{token}" in name else None
+    # A read route without a variable part (ping): only its own path matches it, so its
+    # metrics series and its access line's method and escaped path are known here, once.
+    constant = method is not None and "{" not in name and not is_job and unrouted is None
+    observe_route = metrics.http.bind(method, name) if constant else None
+    log_route = logs.route_access(method, name) if constant else None
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
@@ -414,6 +431,11 @@ def guard(handler: Callable[[web.Request], Awaitable[web.StreamResponse]], name:
             log.exception("unhandled error on %s %s", request.method, request.path)
             resp = json_response(errors.InternalError(
                 f"internal error ({type(e).__name__}); this is a bug in the agent").body(), 500)
+        if constant:
+            seconds = time.perf_counter() - t0
+            observe_route(resp.status, seconds)
+            log_route(resp.status, seconds * 1000, request)
+            return resp
         _account(request, name, log_path if unrouted is None else _unrouted_log_path(request, unrouted),
                  resp.status, t0, observe, is_job)
         return resp

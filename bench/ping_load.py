@@ -98,8 +98,8 @@ class Server:
     """One server process on 127.0.0.1, its output in a log file."""
 
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path,
-                 token_path: Path | None = None) -> None:
-        self.name, self.argv, self.port = name, argv, port
+                 token_path: Path | None = None, cwd: Path = REPO) -> None:
+        self.name, self.argv, self.port, self.cwd = name, argv, port, cwd
         self.log_path, self.token_path = log_path, token_path
         self.proc: subprocess.Popen | None = None
         self.idle_rss_kb: int | None = None
@@ -120,7 +120,7 @@ class Server:
     def start(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")   # as the systemd unit runs the agent
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=log,
+            self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
 
@@ -301,7 +301,8 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
         f"### Run of {now}",
         "",
         f"Machine: nproc {info['nproc']}, {info['cpu']}, kernel {info['kernel']}, "
-        f"Python {info['python']}, aiohttp {info['aiohttp']}; agent at commit {info['commit']}.  ",
+        f"Python {info['python']}, aiohttp {info['aiohttp']}; agent at commit {info['commit']}"
+        + (f", agent-base at {info['baseline']}" if info.get("baseline") else "") + ".  ",
         f"Client: {client}; {args.connections} keep-alive connections"
         + (f", {args.threads} threads" if client.startswith("wrk") else "")
         + f"; {args.warmup:g} s warm-up (discarded) + {args.duration:g} s measured per run; "
@@ -337,7 +338,7 @@ def report(args, client: str, servers: dict[str, Server], runs: dict[str, list[d
             f"{verdict(rr >= MIN_RPS_RATIO)}), p99 ratio {pr:.2f} (target <= {MAX_P99_RATIO:g}: "
             f"{verdict(pr <= MAX_P99_RATIO)}), idle RSS {mb:.1f} MB (target <= {MAX_IDLE_RSS_MB:g}: "
             f"{verdict(mb <= MAX_IDLE_RSS_MB)}).")
-    for name in ("agent", "agent-warn"):
+    for name in ("agent", "agent-base", "agent-warn"):
         if name in runs:
             # Each round's runs are back to back: their ratio shares the machine's state
             # of that moment, where the means above mix rounds a busy machine made unlike.
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=2.0, help="idle seconds before the idle RSS (2)")
     p.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto")
     p.add_argument("--no-warn", action="store_true", help="skip the WARNING-level agent")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also run the agent of this git commit (target agent-base), side by side")
     p.add_argument("--no-append", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = p.parse_args(argv)
@@ -391,6 +394,19 @@ def main(argv: list[str] | None = None) -> int:
         servers["agent"] = Server(
             "agent", [sys.executable, "-m", "agent", "serve", "--state-dir", str(tmp / "state-info"),
                       "--port", str(port)], port, tmp / "agent.log", tmp / "state-info" / "token")
+        if args.baseline:
+            # The agent of another commit, from a `git archive` of it: `-m agent` in that
+            # directory imports its agent/ and plugins/ (the current directory comes first).
+            base = tmp / "base"
+            base.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline, "agent", "plugins"],
+                                     cwd=REPO, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+            port = free_port()
+            servers["agent-base"] = Server(
+                "agent-base", [sys.executable, "-m", "agent", "serve", "--state-dir",
+                               str(tmp / "state-base"), "--port", str(port)],
+                port, tmp / "agent-base.log", tmp / "state-base" / "token", cwd=base)
         if not args.no_warn:
             cfg = tmp / "agent-warn.toml"
             cfg.write_text('[log]\nlevel = "WARNING"\n')
@@ -442,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             s.after_rss_kb = s.rss()
         logs = {n: line_count(servers[n].log_path) - c for n, c in log_start.items()}
         info = dict(machine(), load_before=load_before, load_after=f"{os.getloadavg()[0]:.2f}")
+        if args.baseline:
+            info["baseline"] = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=REPO,
+                                              capture_output=True, text=True).stdout.strip()
         text = report(args, client, servers, runs, info, logs)
         print(text)
         if not args.no_append:
