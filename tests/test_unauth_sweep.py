@@ -13,6 +13,7 @@ import re
 PUBLIC = {
     ("get", "/v1/health"),
     ("get", "/v1/backup-storage/ceph/{uuid}/exports/{imageUuid}"),
+    ("get", "/v1/backup-storage/exports/{token}"),
     ("post", "/v1/baremetal/inspection/{token}"),
     ("get", "/v1/baremetal/consoles/{token}"),
     ("get", "/v1/baremetal/install/{token}"),
