@@ -319,11 +319,13 @@ async def test_provision_fails_cleanly_when_bmc_is_gone(bm_agent, http, bmcs):
     s, inv = await get(http, bm_agent, f"{CHASSIS}/{c}")
     assert inv["inventory"]["status"] == "Unprovisioned"     # nothing half-done
     bmc.start()
-    # The BMC is taken as down until the background probe (every 5 s) reaches it again.
+    # The BMC is taken as down until the background probe (every 5 s) reaches it again. A
+    # probe that began before the simulator was back listening times out first (8 s), so
+    # allow two probe rounds (2 x (5 + 8) s) plus the simulator's own start on a busy machine.
 
     async def answers():
         return (await get(http, bm_agent, f"{CHASSIS}/{c}/power"))[0] == 200
-    await wait_for(answers, timeout=20, what="the restarted BMC answering", interval=0.5)
+    await wait_for(answers, timeout=40, what="the restarted BMC answering", interval=0.5)
     status, body = await act(http, bm_agent, c, "provisionBaremetalHost")
     assert status == 200 and body["inventory"]["status"] == "Provisioning"
 
