@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import psutil
 
 from agent import errors
 
@@ -35,6 +34,7 @@ LOG_ROTATE_BYTES = 10 << 20
 
 def _alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped by init, is not)."""
+    import psutil   # lazy, like agent/runner.py: ~2 MB of RSS an agent without PXE never needs
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -44,6 +44,7 @@ def _alive(pid: int) -> bool:
 def _group(pgid: int) -> list[int]:
     """The live (not zombie) members of a process group (dnsmasq and its lease-script
     helper, which init may have adopted already: a process tree would miss it)."""
+    import psutil
     out = []
     for pid in psutil.pids():
         try:
@@ -55,6 +56,7 @@ def _group(pgid: int) -> list[int]:
 
 
 def _cmdline(pid: int) -> str:
+    import psutil
     try:
         return " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
