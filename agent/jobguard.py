@@ -22,7 +22,6 @@ command that cannot be executed exits 127 with the reason on stderr.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import select
 import stat

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any

@@ -23,14 +23,12 @@ import errno as errno_mod
 import logging
 import os
 import time
-import uuid as uuidlib
 from typing import Any, Iterator
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
 
 from agent import errors, paths
-from agent.models import Empty as _Empty
 from agent.plugin import Plugin, action, create, delete, get, query, raw
 
 from . import imagecache, imagestore, kinds, migrate, nfs, volumes
@@ -38,9 +36,8 @@ from .fsclient import FsError, FsHelper, StorageHung, helper_argv
 from .fsworker import Confinement, split_rel
 from .imagestore import ImageStoreRoutes
 from .models import (AddLocalPrimaryStorage, AddNfsPrimaryStorage, AddSmpPrimaryStorage,
-                     Capacity, ChangePrimaryStorageState, CleanUpResult, CreateVolume, DeleteParams,
-                     DownloadImage, HostDiskCapacities, ImageCacheInventory, ImageCacheReply,
-                     MigrateVolume, PrimaryStorageInventory, PrimaryStorageReply,
+                     ChangePrimaryStorageState, CreateVolume, DownloadImage, HostDiskCapacities,
+                     ImageCacheInventory, ImageCacheReply, MigrateVolume, PrimaryStorageReply,
                      PrimaryStorageTypes, ResizeVolume, StorageSettings, VolumeInventory,
                      VolumeReply, norm_uuid)
 from .registry import ImageRow, Registry, StorageRow, VolumeRow
