@@ -125,3 +125,80 @@ async def test_image_store_to_ceph_and_image_store_on_the_same_node(cagent, ceph
         status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
                                     {"migrateImage": {"destination": dest}})
         assert status in (400, 404), (dest, body)
+
+
+async def test_ceph_to_image_store_on_the_same_node(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
+    """Issue 12 item 2: a Ceph backup storage's image to an image store of this node in one
+    migrateImage call, verified by its sha256 there; refusals change nothing."""
+    import hashlib
+    c = ceph_cluster
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": "cbs3", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs3"}})
+    assert status == 200, body
+    cbs = body["inventory"]["uuid"]
+    s1, s2 = uid(), uid()
+    for u, d in ((s1, "is1"), (s2, "is2")):
+        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
+        assert status == 200, body
+    src = tmp_path / "files"
+    src.mkdir()
+    data = bytes(range(255, -1, -1)) * 4096 * 5 + b"tail"      # 5 MiB + 4 bytes: a partial block
+    (src / "img.raw").write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    im = uid()
+    # into Ceph (by the image store's same-node migration), then the image store copy goes
+    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
+                             {"params": {"imageUuid": im, "name": "rev", "url": f"file://{src}/img.raw"}})
+    assert status == 200, body
+    first = body["inventory"]          # what an image store lists for this content
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
+    assert status == 200, body
+    status, body = await job(http, cagent, "DELETE", f"/v1/backup-storage/{s1}/images/{im}")
+    assert status == 200, body
+    status, body = await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}")
+    assert status == 200 and body["inventory"]["checksum"] == f"sha256:{sha}", body
+
+    # refused before anything runs: an unknown uuid, the image's own storage: nothing changes
+    for dest in (uid(), cbs):
+        status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
+                                    {"migrateImage": {"backupStorageUuid": dest}})
+        assert status in (400, 404, 409), (dest, body)
+    assert (await get(http, cagent, f"/v1/backup-storage/{s2}/images"))[1]["inventories"] == []
+    assert not os.listdir(tmp_path / "is2" / "blobs")
+
+    # Ceph -> image store in one call, by the image store's uuid
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
+                             {"migrateImage": {"backupStorageUuid": s2}}, timeout=120)
+    assert status == 200, body
+    inv = body["inventory"]
+    assert inv["uuid"] == im and inv["sha256"] == sha == first["sha256"], inv
+    assert inv["size"] == first["size"] and inv["format"] == "raw", (inv, first)
+    status, body = await get(http, cagent, f"/v1/backup-storage/{s2}/images/{im}")
+    assert status == 200 and body["inventory"]["sha256"] == sha and body["inventory"]["size"] == first["size"]
+    assert (tmp_path / "is2" / "blobs" / sha).read_bytes() == data
+    # the source keeps its image; the one-off export is revoked
+    status, body = await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}")
+    assert status == 200 and body["inventory"]["status"] == "Ready", body
+    # again: the image is at the destination already: an error, nothing new, nothing lost
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
+                             {"migrateImage": {"backupStorageUuid": s2, "deleteSource": True}})
+    assert status != 200 and body["error"]["code"] == "SYS.1009", body
+    assert sorted(os.listdir(tmp_path / "is2" / "blobs")) == [sha]
+    assert (await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}"))[0] == 200
+
+    # the Ceph image no longer has the content its checksum says (written behind the agent's
+    # back): the image store refuses it; nothing is listed or left there, the source stays
+    s3 = uid()
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                             {"params": {"uuid": s3, "url": str(tmp_path / "is3")}})
+    assert status == 200, body
+    c.rbd("bench", "--io-type", "write", "--io-size", "4096", "--io-total", "4096",
+          "--io-pattern", "seq", f"coll-bs3/{im}")
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
+                             {"migrateImage": {"backupStorageUuid": s3, "deleteSource": True}}, timeout=120)
+    assert status != 200 and "checksum" in body["error"]["description"], body
+    assert (await get(http, cagent, f"/v1/backup-storage/{s3}/images"))[1]["inventories"] == []
+    assert not os.listdir(tmp_path / "is3" / "blobs")
+    assert (await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}"))[0] == 200

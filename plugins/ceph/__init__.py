@@ -1539,8 +1539,13 @@ class CephPlugin(Plugin):
     @action(IMG, "migrateImage", params=MigrateImage, result=ImageReply)
     async def migrate_ceph_backup_image(self, job, params: MigrateImage, uuid: str,
                                         imageUuid: str) -> ImageReply:
-        """Copy the image to another Ceph backup storage (another pool or cluster)."""
+        """Copy the image to another Ceph backup storage (another pool or cluster), or to
+        another kind of backup storage of this node (an image store), found in the core's
+        registry."""
         rec = self._image(uuid, imageUuid)
+        other = self._other_kind(params.target)
+        if other is not None:
+            return await self._migrate_to_kind(job, other, params, rec, uuid, imageUuid)
         dst = self._migrate_target(uuid, imageUuid, params)
         src_conn, dst_conn = self._conn(uuid), self._conn(dst["uuid"])
         progress = Progress(job, message=f"copying image {imageUuid}")
@@ -1567,6 +1572,55 @@ class CephPlugin(Plugin):
                 await self.store.remove_image(uuid, imageUuid)
         return ImageReply(inventory=self._image_inventory(new))
 
+    def _other_kind(self, target: str) -> Any:
+        """The registry's kind that owns ``target`` when it is not a Ceph backup storage (404
+        for a uuid no kind owns), else None.  Never the storage plugin itself: plugins meet
+        only in the registry."""
+        s = self.store.storages.get(target)
+        if s is not None and s["kind"] == BACKUP:
+            return None
+        kind = self.agent.storage_kinds.owner(BACKUP, target)
+        return None if kind.type == "Ceph" else kind
+
+    def _content_sums(self, rec: dict[str, Any]) -> dict[str, str]:
+        """The checksum of the bytes an export serves: known when the image came in raw (its
+        import hashed exactly those bytes); a qcow2 import hashed the qcow2 file."""
+        algo, _, digest = (rec.get("checksum") or "").partition(":")
+        if rec.get("originalFormat") == "raw" and algo in ("sha256", "md5") and digest:
+            return {algo: digest}
+        raise bad(f"image {rec['uuid']} came in as {rec.get('originalFormat')} with "
+                  f"{algo or 'no'} checksum: its raw content has no sha256 or md5 to verify at "
+                  "another kind of storage; export it and import the URL with a checksum instead")
+
+    async def _migrate_to_kind(self, job, kind: Any, params: MigrateImage, rec: dict[str, Any],
+                               uuid: str, image_uuid: str) -> Any:
+        """To another kind of backup storage of this node: it downloads a one-off export of
+        this agent and verifies the checksum before it lists the image (its import's rule);
+        the export is revoked at the end.  The source stays unless deleteSource."""
+        sums = self._content_sums(rec)
+        token = pysecrets.token_urlsafe(32)
+        token_hash = hashlib.sha256(token.encode()).hexdigest()
+        async with self.locks[("image", uuid, image_uuid)]:
+            await self.store.add_export(token_hash, uuid, image_uuid,
+                                        time.time() + self.conf.long_op_timeout)
+            try:
+                job.progress(0, f"copying into {kind.type} backup storage {params.target}")
+                reply = await kind.import_image(job, params.target, {
+                    "url": f"{self._base_url(local=True)}{BS}/{uuid}/exports/{image_uuid}"
+                           f"?token={token}",
+                    "imageUuid": image_uuid, "name": rec.get("name") or "", **sums})
+            finally:
+                # this export only (the store has no per-token removal: drop it here)
+                await self.store.db.execute("DELETE FROM ceph_exports WHERE token_sha256=?",
+                                            (token_hash,))
+                self.store.exports.pop(token_hash, None)
+            if params.delete_source:
+                await self.ceph_long(uuid, job, rbdvols.remove, rec["poolName"], rec["uuid"], True,
+                                     what=f"deleting the source of image {image_uuid}",
+                                     message="deleting the source")
+                await self.store.remove_image(uuid, image_uuid)
+        return reply
+
     def _migrate_target(self, uuid: str, image_uuid: str, params: MigrateImage) -> dict[str, Any]:
         dst = self._storage(params.target, BACKUP)
         src = self._storage(uuid, BACKUP)
@@ -1590,18 +1644,27 @@ class CephPlugin(Plugin):
         rec = self._image(uuid, imageUuid)
         if rec.get("status") != "Ready":
             raise conflict(f"image {imageUuid} is {rec.get('status')}, not Ready")
-        self._migrate_target(uuid, imageUuid, params)
+        other = self._other_kind(params.target)
+        if other is None:
+            self._migrate_target(uuid, imageUuid, params)
+            return
+        if other.import_image is None:
+            raise bad(f"{other.type} backup storage {params.target} takes no images from another "
+                      "storage")
+        self._content_sums(rec)
 
     del _m, _image_action_check
 
-    def _base_url(self) -> str:
-        if self.conf.export_base_url:
+    def _base_url(self, local: bool = False) -> str:
+        """Where export URLs point: export_base_url, else the listening address; for this
+        node itself (local), the listening address or loopback."""
+        if self.conf.export_base_url and not local:
             return self.conf.export_base_url.rstrip("/")
         srv = self.agent.config.server
         scheme = "https" if srv.tls_cert else "http"
         host = srv.host
         if host in ("0.0.0.0", "::", ""):
-            host = _primary_address()
+            host = "127.0.0.1" if local else _primary_address()
         if ":" in host:
             host = f"[{host}]"
         return f"{scheme}://{host}:{srv.port}"

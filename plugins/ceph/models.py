@@ -536,24 +536,33 @@ class ExportReply(WireModel):
 
 
 class MigrateImage(WireModel):
-    destination: str | None = Field(None, description="uuid of another Ceph backup storage here")
+    destination: str | None = Field(None, description="uuid of another backup storage of this "
+                                    "node: Ceph, or any kind that imports images (an image store)")
     destination_backup_storage_uuid: str | None = Field(None, description="alias of destination")
+    backup_storage_uuid: str | None = Field(None, description="alias of destination (the image "
+                                            "store's migrateImage name)")
     delete_source: bool = False
 
-    @field_validator("destination", "destination_backup_storage_uuid")
+    @field_validator("destination", "destination_backup_storage_uuid", "backup_storage_uuid")
     @classmethod
     def _uuid(cls, v: str | None) -> str | None:
         return None if v is None else check_uuid(v)
 
     @model_validator(mode="after")
     def _one(self):
-        if not (self.destination or self.destination_backup_storage_uuid):
+        given = {v for v in (self.destination, self.destination_backup_storage_uuid,
+                             self.backup_storage_uuid) if v}
+        if not given:
             raise ValueError("give the destination backup storage's uuid ('destination')")
+        if len(given) > 1:
+            raise ValueError("destination, destinationBackupStorageUuid and backupStorageUuid "
+                             "disagree")
         return self
 
     @property
     def target(self) -> str:
-        return self.destination or self.destination_backup_storage_uuid or ""
+        return self.destination or self.destination_backup_storage_uuid or \
+            self.backup_storage_uuid or ""
 
 
 class DeleteImageQuery(WireModel):
