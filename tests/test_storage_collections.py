@@ -202,3 +202,35 @@ async def test_ceph_to_image_store_on_the_same_node(cagent, ceph_cluster, http, 
     assert (await get(http, cagent, f"/v1/backup-storage/{s3}/images"))[1]["inventories"] == []
     assert not os.listdir(tmp_path / "is3" / "blobs")
     assert (await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}"))[0] == 200
+
+
+async def test_ceph_qcow2_import_to_image_store_is_refused(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
+    """An image that came into Ceph as qcow2 has no checksum of its raw content: nothing to
+    verify at the image store, so the migration is a 400 before anything runs."""
+    import subprocess
+    c = ceph_cluster
+    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": "cbs4", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs4"}})
+    assert status == 200, body
+    cbs = body["inventory"]["uuid"]
+    s1, s2 = uid(), uid()
+    for u, d in ((s1, "is1"), (s2, "is2")):
+        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
+                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
+        assert status == 200, body
+    (tmp_path / "files").mkdir()
+    qcow = tmp_path / "files" / "img.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(qcow), "8M"], check=True,
+                   capture_output=True)
+    im = uid()
+    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
+                             {"params": {"imageUuid": im, "url": f"file://{qcow}"}})
+    assert status == 200 and body["inventory"]["format"] == "qcow2", body
+    status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
+                             {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
+    assert status == 200 and body["inventory"]["originalFormat"] == "qcow2", body
+    status, body = await submit(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
+                                {"migrateImage": {"backupStorageUuid": s2}})
+    assert status == 400 and "qcow2" in body["error"]["description"], body
+    assert (await get(http, cagent, f"/v1/backup-storage/{s2}/images"))[1]["inventories"] == []
+    assert (await get(http, cagent, f"/v1/backup-storage/ceph/{cbs}/images/{im}"))[0] == 200
