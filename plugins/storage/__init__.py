@@ -22,7 +22,6 @@ import contextlib
 import errno as errno_mod
 import logging
 import os
-import time
 from typing import Any, Iterator
 
 from aiohttp import web
@@ -1055,14 +1054,7 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
             fetcher = imagecache.Fetcher(st.root, temp_name(provisional, self.tag), params.url, alg,
                                          stall=self.conf.download_stall_seconds,
                                          ca_file=self.conf.tls_ca_file)
-            last = [0.0]
-
-            def progress(done: int, total: int | None) -> None:
-                now = time.monotonic()
-                if now - last[0] >= 0.25:
-                    last[0] = now
-                    job.progress(100.0 * done / total if total else None, "downloading",
-                                 downloadedBytes=done, totalBytes=total)
+            progress = imagecache.download_progress(job)
             try:
                 report = await fetcher.run(progress, self.conf.download_timeout_seconds)
                 if expected and report["digest"] != expected:

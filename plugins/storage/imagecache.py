@@ -144,6 +144,19 @@ class Fetcher:
             kill_tree(self.proc.pid)
 
 
+def download_progress(job) -> Callable[[int, int | None], None]:
+    """A Fetcher progress callback reporting to the job at most every 0.25 s."""
+    last = [0.0]
+
+    def progress(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.25:
+            last[0] = now
+            job.progress(100.0 * done / total if total else None, "downloading",
+                         downloadedBytes=done, totalBytes=total)
+    return progress
+
+
 def cache_path(image_uuid: str, fmt: str) -> str:
     return f"{CACHE_DIR}/{image_uuid}.{fmt}"
 

@@ -451,14 +451,7 @@ class ImageStoreRoutes:
                                      ca_file=self.conf.tls_ca_file,
                                      extra_algs=("md5",) if want_md5 else (), local_file=local,
                                      sparse=True)
-        last = [0.0]
-
-        def progress(done: int, total: int | None) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 0.25:
-                last[0] = now
-                job.progress(100.0 * done / total if total else None, "downloading",
-                             downloadedBytes=done, totalBytes=total)
+        progress = imagecache.download_progress(job)
         try:
             report = await fetcher.run(progress, self.conf.download_timeout_seconds)
             sha, md5 = report["digest"], report.get("digests", {}).get("md5")
