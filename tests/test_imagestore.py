@@ -254,6 +254,54 @@ async def test_file_source_reader_opens_only_the_checked_path(tmp_path):
         assert report["digest"] == hashlib.sha256(b"fine " * 1000).hexdigest()
 
 
+async def test_fetch_writes_every_byte_holes_for_zeros_and_both_digests(tmp_path, server):
+    """The fetcher's pipeline (socket read, hash and write in three threads, huge-page
+    buffers): the blob is byte for byte the source, zero MiB blocks are holes, the
+    sha256 and the md5 are those of every byte, over HTTP and from a file alike; a size
+    that is no multiple of the buffer or of a block is no problem. A write that fails
+    (the file system full) fails the fetch and keeps nothing."""
+    mib = 1 << 20
+    data = b"".join([os.urandom(mib), bytes(8 * mib), os.urandom(3 * mib + 123),
+                     bytes(5 * mib), b"\x01" + bytes(mib - 2) + b"\x01", bytes(mib), b"tail"])
+    src = tmp_path / "served" / "holes.raw"
+    src.write_bytes(data)
+    store = tmp_path / "store"
+    (store / "blobs").mkdir(parents=True)
+    for name, url, local in (("http", server.url("holes.raw"), None),
+                             ("file", f"file://{src}", str(src))):
+        f = Fetcher(str(store), f"blobs/.{name}.part", url, "sha256", stall=10, ca_file=None,
+                    extra_algs=("md5",), local_file=local, sparse=True)
+        try:
+            report = await f.run(lambda done, total: None, 60)
+            await f.commit(f"blobs/{name}")
+        finally:
+            await f.abort()
+        assert report["digest"] == hashlib.sha256(data).hexdigest(), name
+        assert report["digests"]["md5"] == hashlib.md5(data).hexdigest(), name
+        out = store / "blobs" / name
+        assert out.read_bytes() == data, name
+        # the 12 zero MiB blocks at MiB offsets take no space (the zeros off those
+        # boundaries, and the MiB with a byte at each end, do)
+        assert out.stat().st_blocks * 512 <= len(data) - 12 * mib + (64 << 10), (name, out.stat().st_blocks)
+    # a file system that fills up mid-download: the fetch fails, nothing is left behind
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "fetch-test", str(small)], check=True)
+    try:
+        (small / "blobs").mkdir()
+        f = Fetcher(str(small), "blobs/.full.part", server.url("holes.raw"), "sha256", stall=10,
+                    ca_file=None, sparse=False)
+        try:
+            with pytest.raises(errors.OperationFailed) as e:
+                await f.run(lambda done, total: None, 60)
+        finally:
+            await f.abort()
+        assert "No space left" in str(e.value), e.value
+        assert os.listdir(small / "blobs") == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 async def test_export_serves_ranges_and_revokes(bagent, http, tmp_path, server):
     root = tmp_path / "store"
     bs, im = uid(), uid()

@@ -423,8 +423,8 @@ def http_connect(url: str, verify: bool, cafile: str | None, timeout: float):
 def fetch(cfg: dict) -> int:
     """GET an http(s) URL into a new hidden file of the storage, hashing in the same pass.
 
-    The socket is read in the main thread while a second thread hashes and writes, so
-    the two overlap.  The file keeps its temporary name until a "COMMIT <path>" line
+    The socket is read in the main thread into huge-page buffers (see huge_page_buffers)
+    while one thread hashes and another writes, so the three overlap.  The file keeps its temporary name until a "COMMIT <path>" line
     arrives on stdin; EOF or anything else removes it.
     """
     root, tmp = cfg["root"], cfg["tmp"]
@@ -452,57 +452,75 @@ def fetch(cfg: dict) -> int:
             emit({"done": True, "status": resp.status, "error": f"HTTP {resp.status} {resp.reason}"})
             return 1
         total = resp.length
+        # the socket is read here; a hasher and a writer each take every buffer in their
+        # own thread, and it comes back free once both are done with it (hashing alone is
+        # most of the CPU: hash-then-write in one thread made that thread the bottleneck)
         free: queue.Queue = queue.Queue()
-        ready: queue.Queue = queue.Queue()
-        for _ in range(BUFFERS):
-            free.put(bytearray(FRAME_SIZE))
+        for b in fsworker.huge_page_buffers(BUFFERS, FRAME_SIZE):
+            free.put(b)
+        users: dict[int, int] = {}
+        users_lock = threading.Lock()
         failure: list[BaseException] = []
 
-        def sink() -> None:
-            offset = 0
-            try:
-                while (item := ready.get()) is not None:
-                    buf, n = item
-                    view = memoryview(buf)[:n]
-                    # the extra digests in a thread of their own (hashlib drops the GIL):
-                    # md5 beside sha256 costs no extra wall time on a second core
-                    more = side.submit(_update_all, extra, view) if side else None
-                    h.update(view)
-                    if sparse:
-                        _write_sparse(fd, buf, n, offset)
-                    else:
-                        done = 0
-                        while done < n:
-                            done += os.pwrite(fd, view[done:], offset + done)
-                    if more is not None:
-                        more.result()
-                    offset += n
-                    free.put(buf)
-            except BaseException as e:
-                failure.append(e)
-                free.put(None)
+        def done_with(buf: memoryview) -> None:
+            with users_lock:
+                users[id(buf)] -= 1
+                last = not users[id(buf)]
+            if last:
+                free.put(buf)
 
-        t = threading.Thread(target=sink, daemon=True)
-        t.start()
+        def consumer(work) -> tuple[queue.Queue, threading.Thread]:
+            q: queue.Queue = queue.Queue()
+
+            def run() -> None:
+                try:
+                    while (item := q.get()) is not None:
+                        work(*item)
+                        done_with(item[0])
+                except BaseException as e:
+                    failure.append(e)
+                    free.put(None)         # wakes the reader, which then stops
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            return q, t
+
+        def hash_frame(buf: memoryview, n: int, offset: int) -> None:
+            view = buf[:n]
+            # the extra digests in a thread of their own (hashlib drops the GIL):
+            # md5 beside sha256 costs no extra wall time on another core
+            more = side.submit(_update_all, extra, view) if side else None
+            h.update(view)
+            if more is not None:
+                more.result()
+
+        def write_frame(buf: memoryview, n: int, offset: int) -> None:
+            if sparse:
+                _write_sparse(fd, buf, n, offset)
+            else:
+                _pwrite_all(fd, buf[:n], offset)
+
+        consumers = [consumer(hash_frame), consumer(write_frame)]
         got, last = 0, 0.0
         try:
             while not failure:
                 buf = free.get()
                 if buf is None:
                     break
-                n = resp.readinto(memoryview(buf))
+                n = resp.readinto(buf)
                 if not n:
-                    free.put(buf)
                     break
-                ready.put((buf, n))
+                users[id(buf)] = len(consumers)
+                for q, _ in consumers:
+                    q.put((buf, n, got))
                 got += n
                 now = time.monotonic()
                 if now - last >= 0.25:
                     last = now
                     emit({"got": got, "total": total})
         finally:
-            ready.put(None)
-            t.join()
+            for q, t in consumers:
+                q.put(None)
+                t.join()
         if failure:
             raise failure[0]
         if total is not None and got != total:
@@ -543,20 +561,25 @@ SPARSE_BLOCK = 1 << 20
 _ZERO = bytes(SPARSE_BLOCK)
 
 
-def _write_sparse(fd: int, buf: bytearray, n: int, offset: int) -> None:
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _write_sparse(fd: int, buf: memoryview, n: int, offset: int) -> None:
     """pwrite buf[:n] at offset, leaving each all-zero SPARSE_BLOCK a hole.  A block whose
-    first or last byte is not zero is data at once (no scan); only the rest is compared."""
+    first or last byte is not zero is data at once (no scan); only the rest is compared
+    (through a copy: comparing a memoryview itself goes byte by byte, 50x slower)."""
     start = 0
     while start < n:
         end = min(n, start + SPARSE_BLOCK)
-        block = memoryview(buf)[start:end]
+        block = buf[start:end]
         if end - start == SPARSE_BLOCK and not buf[start] and not buf[end - 1] and \
-                buf[start:end] == _ZERO:
+                block.tobytes() == _ZERO:
             start = end
             continue
-        done = 0
-        while done < end - start:
-            done += os.pwrite(fd, block[done:], offset + start + done)
+        _pwrite_all(fd, block, offset + start)
         start = end
 
 
