@@ -76,6 +76,12 @@ class StorageKinds:
     def of(self, category: str) -> list[StorageKind]:
         return [k for k in self.kinds if k.category == category]
 
+    def holder(self, uuid: str) -> StorageKind | None:
+        """The kind, of either category and any plugin, that has a storage of this uuid: one
+        uuid names one storage of this node, so a registration must not take it again."""
+        u = uuid.replace("-", "").lower()
+        return next((k for k in self.kinds if u in k.uuids()), None)
+
     def owner(self, category: str, uuid: str) -> StorageKind:
         u = uuid.replace("-", "").lower()
         for k in self.of(category):

@@ -138,6 +138,24 @@ async def test_resource_uuid_end_to_end(agent, http, tmp_path):
     assert status == 400, body
 
 
+async def test_a_primary_storage_takes_no_uuid_of_a_backup_storage(agent, http, tmp_path):
+    """Registering a primary storage is idempotent, so the storage plugin applies the rule
+    itself: the uuid of a storage of another kind (here an image store) is the core's
+    409 SYS.1009 too (it was a 200, two storages under one uuid), and nothing is made."""
+    bs = uuidlib.uuid4().hex
+    status, body = await run_job(http, agent, "POST", "/v1/backup-storage/image-store",
+                                 {"params": {"resourceUuid": bs, "url": str(tmp_path / "is")}})
+    assert status == 200, body
+    for kind in ("local", "smp"):
+        status, body = await submit(http, agent, "POST", f"{PS}/{kind}",
+                                    {"params": {"resourceUuid": bs, "url": str(tmp_path / "ps")}})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", body
+        assert "backup" in body["error"]["description"], body
+    status, body = await submit(http, agent, "GET", PS)
+    assert status == 200 and body["inventories"] == [], body
+    assert not (tmp_path / "ps").exists()
+
+
 def test_every_route_model_builds():
     """Models are built lazily (defer_build): a bad validator would only show on the
     first request, as a 500. Build them all here."""

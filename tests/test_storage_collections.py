@@ -50,6 +50,22 @@ async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http
     status, body = await get(http, cagent, "/v1/backup-storage", {"count": "true"})
     assert body == {"total": 2}
 
+    # one uuid names one storage of this node, whatever the kind: each create given another
+    # kind's uuid is the core's 409 SYS.1009, and nothing is registered
+    ceph_mon = {"monUrls": [f"127.0.0.1:{c.port}"], "key": c.key}
+    for path, params in (
+            ("/v1/primary-storage/ceph", {**ceph_mon, "resourceUuid": lps, "rootVolumePoolName": "x-r",
+                                          "dataVolumePoolName": "x-d", "imageCachePoolName": "x-c"}),
+            ("/v1/backup-storage/ceph", {**ceph_mon, "resourceUuid": ibs, "poolName": "x-bs"}),
+            ("/v1/backup-storage/ceph", {**ceph_mon, "resourceUuid": cps, "poolName": "x-bs"}),
+            ("/v1/primary-storage/local", {"uuid": cbs, "url": str(tmp_path / "ps2")}),
+            ("/v1/backup-storage/image-store", {"uuid": cps, "url": str(tmp_path / "is2")})):
+        status, body = await submit(http, cagent, "POST", path, {"params": params})
+        assert status == 409 and body["error"]["code"] == "SYS.1009", (path, params, body)
+    status, body = await get(http, cagent, "/v1/primary-storage", {"count": "true"})
+    assert body == {"total": 2}
+    assert "x-bs" not in c.ceph("osd", "pool", "ls") and not (tmp_path / "ps2").exists()
+
     # per-uuid reads and actions reach the Ceph plugin through the shared paths
     status, body = await get(http, cagent, f"/v1/primary-storage/{cps}")
     assert status == 200 and body["inventory"]["type"] == "Ceph"

@@ -552,7 +552,8 @@ class CephPlugin(Plugin):
 
     @add_ceph_primary_storage.exists
     async def _primary_uuid_used(self, new_uuid: str) -> bool:
-        return new_uuid in self.store.storages
+        # any storage of this node, of either category and any plugin (the core's registry)
+        return self.agent.storage_kinds.holder(new_uuid) is not None
 
     @query(PS, model=CephPrimaryStorageInventory)
     async def query_ceph_primary_storage(self) -> list:
@@ -1210,7 +1211,8 @@ class CephPlugin(Plugin):
 
     @add_ceph_backup_storage.exists
     async def _backup_uuid_used(self, new_uuid: str) -> bool:
-        return new_uuid in self.store.storages
+        # any storage of this node, of either category and any plugin (the core's registry)
+        return self.agent.storage_kinds.holder(new_uuid) is not None
 
     @query(BS, model=CephBackupStorageInventory)
     async def query_ceph_backup_storage(self) -> list:

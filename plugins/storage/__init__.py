@@ -530,6 +530,7 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
                 raise errors.Conflict(f"primary storage {row.uuid} is already registered as "
                                       f"{existing.row.type} {existing.row.url}", code="STORAGE.1009")
             return
+        self._uuid_free(row.uuid)
         self._overlap(row.mount_path, row.uuid)
         if kind == NFS:
             e = nfs.mount_at(await self._mountinfo(), row.mount_path)
@@ -566,11 +567,20 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
         finally:
             await probe.close()
 
+    def _uuid_free(self, uuid: str) -> None:
+        """The core's resourceUuid rule for the one create it leaves to us (re-registering is
+        idempotent): a uuid of any other storage of this node, of any kind, is a 409."""
+        holder = self.agent.storage_kinds.holder(uuid)
+        if holder is not None:
+            raise errors.Conflict(f"resourceUuid {uuid} is already in use by a {holder.category} "
+                                  f"storage of type {holder.type}", code="SYS.1009")
+
     async def _register(self, job, kind: str, params) -> PrimaryStorageReply:
         row = await self._plan(kind, params)
         existing = self.storages.get(row.uuid)
         if existing is not None:
             return PrimaryStorageReply(inventory=existing.row.inventory())
+        self._uuid_free(row.uuid)                # taken since the request's check
         self._overlap(row.mount_path, row.uuid)
         st = self._make(row)
         self.storages[row.uuid] = st          # reserved: a concurrent registration sees it

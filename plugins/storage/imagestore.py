@@ -257,7 +257,7 @@ class ImageStoreRoutes:
     async def _store_uuid_used(self: "StoragePlugin", new_uuid: str) -> bool:
         """Any storage of this node, of either category and any plugin (the core's registry;
         an image store being registered is in it already)."""
-        return any(new_uuid in k.uuids() for k in self.agent.storage_kinds.kinds)
+        return self.agent.storage_kinds.holder(new_uuid) is not None
 
     @add_image_store.check
     async def _add_image_store_check(self: "StoragePlugin", params: AddImageStoreBackupStorage) -> None:
