@@ -46,7 +46,7 @@ except ImportError:            # run as a script
 FRAME = fsworker.FRAME
 FRAME_SIZE = 4 << 20
 BUFFERS = 4
-HASH_CHUNK = 1 << 20           # where the extents cannot be mapped, they are read in pieces this big
+HASH_CHUNK = 1 << 20           # the sender hashes its extents read in pieces this big
 
 
 def extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -277,32 +277,11 @@ def _send_file(cfg: dict, fd: int, timeout: float) -> int:
     return 0 if status == 200 else 1
 
 
-class _NoMap(Exception):
-    pass
-
-
-def hash_mapped(fd: int, plan: list[tuple[int, int]], h) -> None:
-    """Hash the frames (headers and data) from the page cache through a read-only
-    mapping of each frame: no copy of the data into this process."""
-    import mmap
-    gran = mmap.ALLOCATIONGRANULARITY
-    for i, (off, n) in enumerate(plan):
-        base = off - off % gran
-        try:
-            m = mmap.mmap(fd, n + off - base, offset=base, prot=mmap.PROT_READ)
-        except (OSError, ValueError) as e:
-            if i == 0:
-                raise _NoMap() from e     # this filesystem does not map: read instead
-            raise
-        h.update(FRAME.pack(fsworker.FRAME_DATA, off, n))
-        with memoryview(m) as view:
-            h.update(view[off - base:])
-        m.close()
-
-
 def hash_read(fd: int, plan: list[tuple[int, int]], h) -> None:
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
+    """Hash the frames (headers and data), read in pieces into one buffer on huge pages:
+    cheaper than hashing through a mapping of the file (a page fault per 4 KiB), and
+    reading into 4 KiB pages cost this VM 3x more CPU (bench/RESULTS.md, 2026-12-07)."""
+    view = fsworker.huge_page_buffers(1, HASH_CHUNK)[0]
     for off, n in plan:
         h.update(FRAME.pack(fsworker.FRAME_DATA, off, n))
         end = off + n
@@ -316,16 +295,12 @@ def hash_read(fd: int, plan: list[tuple[int, int]], h) -> None:
 
 def _send_zero_copy(sock, fd: int, plan: list[tuple[int, int]], h, total: int, timeout: float) -> int:
     """sendfile from the page cache to the socket while a thread hashes the same extents
-    through a mapping (no copy into this process; it runs ahead of the sending, and is
-    done after a third of the time)."""
+    (hash_read: it runs ahead of the sending, and is done after a third of the time)."""
     failure: list[BaseException] = []
 
     def hasher() -> None:
         try:
-            try:
-                hash_mapped(fd, plan, h)
-            except _NoMap:
-                hash_read(fd, plan, h)
+            hash_read(fd, plan, h)
         except BaseException as e:
             failure.append(e)
 
@@ -353,8 +328,8 @@ def _send_buffered(sock, fd: int, plan: list[tuple[int, int]], h, frame_size: in
     sys.setswitchinterval(0.0002)   # two threads hand buffers back and forth: switch fast
     free: queue.Queue = queue.Queue()
     ready: queue.Queue = queue.Queue()
-    for _ in range(BUFFERS):
-        free.put(bytearray(frame_size))
+    for b in fsworker.huge_page_buffers(BUFFERS, frame_size):    # see hash_read
+        free.put(b)
     failure: list[BaseException] = []
 
     def reader() -> None:
