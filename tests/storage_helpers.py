@@ -12,6 +12,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from conftest import run_job, submit, wait_for, wait_job  # noqa: F401 (wait_for: for the tests)
 
 SERVICES = Path(__file__).resolve().parent / "services"
@@ -130,6 +132,31 @@ def loop_mount(agent, image: Path, mountpoint: str, fstype: str, size_mb: int) -
     subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
     nsrun(agent, "mkdir", "-p", mountpoint)
     nsrun(agent, "mount", "-o", "loop", str(image), mountpoint)
+
+
+# --- a download server ------------------------------------------------------------------------------
+
+class FileServer:
+    """A real HTTP server on 127.0.0.1 answering GET /{name} with handle() (the subclass's)."""
+
+    runner: web.AppRunner | None = None
+    port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_get("/{name}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
 
 
 # --- API shortcuts ---------------------------------------------------------------------------------
