@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agentproc import AgentProcess
+from agentproc import AgentProcess, process_gone  # noqa: F401 (process_gone: for the tests)
 
 
 @pytest.fixture
@@ -138,16 +138,6 @@ async def wait_for(predicate, timeout: float = 15.0, what: str = "condition",
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         await asyncio.sleep(interval)
-
-
-def process_gone(pid: int) -> bool:
-    """True when pid no longer runs (absent, or a zombie its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
 
 
 async def all_gone(pids, within: float = 1.0) -> bool:
