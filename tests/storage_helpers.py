@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -212,6 +214,36 @@ def fake_mount_log(path: Path) -> list[list[str]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- migrations between two agents ------------------------------------------------------------
+
+def migration_pair(agent_factory) -> tuple[Any, Any]:
+    """Two started agents, "src" and "dst", that give up on a migration stalled for 10 s."""
+    conf = fast_storage(migration_stall_seconds=10)
+    return agent_factory(conf, name="src").start(), agent_factory(conf, name="dst").start()
+
+
+def fill(path, size: int, data_every: int, chunk: int) -> None:
+    """Write distinct data chunks at every data_every bytes; the rest stays a hole."""
+    with open(path, "r+b") as f:
+        for i, off in enumerate(range(0, size, data_every)):
+            f.seek(off)
+            f.write(hashlib.sha256(str(i).encode()).digest() * (chunk // 32))
+
+
+def kill9_source_mid_stream(src, dst) -> None:
+    """kill -9 the source while the destination is held (SIGSTOP), so the stream is cut mid-way."""
+    os.kill(dst.proc.pid, signal.SIGSTOP)
+    try:
+        src.kill9()
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+
+
+async def temporary_removed(root: Path, timeout: float = 10,
+                            what: str = "the destination's temporary removed") -> None:
+    await wait_for(lambda: not any(".part-" in f for f in all_files(root)), timeout, what)
 
 
 def visible_files(root: Path) -> set[str]:
