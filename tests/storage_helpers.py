@@ -241,6 +241,16 @@ def kill9_source_mid_stream(src, dst) -> None:
         os.kill(dst.proc.pid, signal.SIGCONT)
 
 
+async def wait_streaming(http, agent, location: str, timeout: float) -> None:
+    """Until the migration job at location reports sent bytes (it must still be running)."""
+    async def streaming():
+        async with http.get(location, headers=agent.headers) as r:
+            got = await r.json()
+            assert r.status == 202, got
+            return (got.get("progress") or {}).get("sentBytes", 0) > 0
+    await wait_for(streaming, timeout, "the stream started", interval=0.01)
+
+
 async def temporary_removed(root: Path, timeout: float = 10,
                             what: str = "the destination's temporary removed") -> None:
     await wait_for(lambda: not any(".part-" in f for f in all_files(root)), timeout, what)

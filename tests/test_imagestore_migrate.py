@@ -13,7 +13,7 @@ import pytest
 
 from conftest import submit, wait_job
 from storage_helpers import (fill, get, job, kill9_source_mid_stream, migration_pair, temporary_removed, uid,
-                             visible_files, wait_for)
+                             visible_files, wait_streaming)
 
 BS = "/v1/backup-storage"
 MIB = 1 << 20
@@ -96,13 +96,7 @@ async def test_migrate_image_wrong_token_unreachable_changes_nothing(pair, http,
 async def start_big(http, src, dst, a, b, im) -> str:
     status, reply = await submit(http, src, "PUT", f"{BS}/{a}/images/{im}/actions", body(dst, b))
     assert status == 202, reply
-
-    async def streaming():
-        async with http.get(reply["location"], headers=src.headers) as r:
-            got = await r.json()
-            assert r.status == 202, got
-            return (got.get("progress") or {}).get("sentBytes", 0) > 0
-    await wait_for(streaming, 30, "the stream started", interval=0.01)
+    await wait_streaming(http, src, reply["location"], 30)
     return reply["location"]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import submit, wait_job
 from storage_helpers import (PS, add_storage, all_files, fast_storage, fill, get, job, kill9_source_mid_stream,
-                             migration_pair, temporary_removed, uid, visible_files, wait_for)
+                             migration_pair, temporary_removed, uid, visible_files, wait_for, wait_streaming)
 from test_storage import ImageServer, qcow2_image
 
 MIB = 1 << 20
@@ -135,13 +135,7 @@ async def start_big_migration(http, src, dst, tmp_path, ps_a, ps_b) -> tuple[str
     digest = sha(path)
     status, reply = await submit(http, src, "PUT", f"{PS}/{ps_a}/volumes/{v}/actions", migrate_body(dst, ps_b))
     assert status == 202
-
-    async def streaming():
-        async with http.get(reply["location"], headers=src.headers) as r:
-            b = await r.json()
-            assert r.status == 202, b
-            return (b.get("progress") or {}).get("sentBytes", 0) > 0
-    await wait_for(streaming, 20, "the stream started", interval=0.01)
+    await wait_streaming(http, src, reply["location"], 20)
     return v, str(path), digest, reply["location"]
 
 
