@@ -476,13 +476,15 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
                                          code="STORAGE.1408" if st.row.status == HUNG else "STORAGE.1504")
 
     # --- registration ------------------------------------------------------------------------------
-    def _overlap(self, root: str, uuid: str | None) -> None:
-        for other in self.storages.values():
+    def _overlap(self, root: str, uuid: str | None, others=None, kind: str = "primary storage") -> None:
+        """409 when root contains, or lies under, the root of one of others (default: the
+        primary storages) but storage uuid itself."""
+        for other in self.storages.values() if others is None else others:
             if other.uuid == uuid:
                 continue
             a, b = root.rstrip("/") + "/", other.root.rstrip("/") + "/"
             if a.startswith(b) or b.startswith(a):
-                raise errors.Conflict(f"{root} overlaps primary storage {other.uuid} at {other.root}",
+                raise errors.Conflict(f"{root} overlaps {kind} {other.uuid} at {other.root}",
                                       code="STORAGE.1009")
 
     async def _plan(self, kind: str, params) -> StorageRow:

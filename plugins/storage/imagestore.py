@@ -208,13 +208,7 @@ class ImageStoreRoutes:
                               "call reconnectBackupStorage")
 
     def _store_overlap(self: "StoragePlugin", root: str, uuid: str) -> None:
-        for other in [*self.storages.values(), *self.image_stores.values()]:
-            if other.uuid == uuid:
-                continue
-            a, b = root.rstrip("/") + "/", other.root.rstrip("/") + "/"
-            if a.startswith(b) or b.startswith(a):
-                raise errors.Conflict(f"{root} overlaps storage {other.uuid} at {other.root}",
-                                      code="STORAGE.1009")
+        self._overlap(root, uuid, [*self.storages.values(), *self.image_stores.values()], "storage")
 
     # -- registration ------------------------------------------------------------------------------
     @create(BS, params=AddImageStoreBackupStorage, result=ImageStoreReply)
