@@ -476,7 +476,8 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
                                          code="STORAGE.1408" if st.row.status == HUNG else "STORAGE.1504")
 
     # --- registration ------------------------------------------------------------------------------
-    def _overlap(self, root: str, uuid: str | None, others=None, kind: str = "primary storage") -> None:
+    def _overlap(self, root: str, uuid: str | None, others: list[Storage] | None = None,
+                 kind: str = "primary storage") -> None:
         """409 when root contains, or lies under, the root of one of others (default: the
         primary storages) but storage uuid itself."""
         for other in self.storages.values() if others is None else others:
