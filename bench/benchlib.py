@@ -1,15 +1,18 @@
-"""What the benchmarks share: the machine's CPU, the code's commit, sparse test files."""
+"""What the benchmarks share: the machine's CPU, the code's commit, sparse test files, the
+way a run's section reaches RESULTS.md."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import tempfile
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "RESULTS.md"
 MIB = 1 << 20
 
 
@@ -62,3 +65,20 @@ def own_tmpfs(prefix: str):
         shutil.rmtree(base, ignore_errors=True)
         subprocess.run(["umount", "-l", str(base)], check=False)
         os.rmdir(base)
+
+
+def append(section: str) -> None:
+    """A run's section at the end of RESULTS.md."""
+    with open(RESULTS, "a") as f:
+        f.write("\n" + section.rstrip() + "\n")
+    print(f"appended to {RESULTS}", file=sys.stderr)
+
+
+def publish(lines: list[str], no_append: bool) -> int:
+    """A run's section (its lines) printed, and appended to RESULTS.md unless no_append;
+    0, the benchmark's exit code."""
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if not no_append:
+        append(section)
+    return 0

@@ -44,8 +44,9 @@ import asyncio
 
 import aiohttp
 
-from ceph_common import (append, machine, now_utc, register_primary, start_agent, start_cluster,
+from ceph_common import (machine, now_utc, register_primary, start_agent, start_cluster,
                          stats_ms)
+from benchlib import publish
 
 TARGET = 5.0
 
@@ -201,11 +202,7 @@ def dead_peer(args) -> int:
               f"p99 {p99_ms(res['dead_fast']):.2f} ms, CEPH.1504 (target < 100 ms: **{'met' if ok_fast else 'MISSED'}**).",
               f"- mon started again: capacity answered 200 after {res['reconnected_s']:.1f} s "
               f"(health check every {timeouts['health_interval']} s)."]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_append:
-        append(section)
-    return 0
+    return publish(lines, args.no_append)
 
 
 def main() -> int:
@@ -273,11 +270,7 @@ def main() -> int:
         ratio = cli_med / stats_ms(samples[(what, "agent")])["median"]
         verdicts.append(f"- {what}: the agent is {ratio:.0f}x faster than the CLI "
                         f"(target >= {TARGET:g}x: **{'met' if ratio >= TARGET else 'MISSED'}**).")
-    section = "\n".join(lines + [""] + verdicts) + "\n"
-    print(section)
-    if not args.no_append:
-        append(section)
-    return 0
+    return publish(lines + [""] + verdicts, args.no_append)
 
 
 if __name__ == "__main__":

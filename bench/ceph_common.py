@@ -1,4 +1,4 @@
-"""What the Ceph benchmarks share: a throwaway cluster, an agent, the machine line, RESULTS.md.
+"""What the Ceph benchmarks share: a throwaway cluster, an agent, the machine line.
 
 Not a benchmark itself.  The cluster is tests/services/micro-ceph.sh (1 mon, 1
 memstore OSD, lean mgr) on a free port pair under a temp dir; the agent is a real
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "RESULTS.md"
 sys.path.insert(0, str(REPO / "tests"))
 
 from agentproc import AgentProcess  # noqa: E402
@@ -102,10 +101,6 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def append(section: str) -> None:
-    with open(RESULTS, "a") as f:
-        f.write("\n" + section.rstrip() + "\n")
-    print(f"appended to {RESULTS}", file=sys.stderr)
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:

@@ -53,8 +53,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ceph_common import (append, call, machine, now_utc, register_backup, rss_kb, start_agent,
+from ceph_common import (call, machine, now_utc, register_backup, rss_kb, start_agent,
                          start_cluster, stats_ms)
+from benchlib import publish
 
 FILE_SERVER = """\
 import sys
@@ -143,6 +144,18 @@ def freeze(c, sig: int) -> None:
             pass
 
 
+def clean_up(server, agent, clusters, base: Path) -> None:
+    """The file server and the agent stopped (those started), the clusters and the temp dir gone."""
+    if server:
+        server.terminate()
+        server.wait(10)
+    if agent:
+        agent.stop()
+    for c in clusters:
+        c.purge()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def dead_peer(args) -> int:
     size_mib = args.size_mib if args.size_mib != 1024 else 64
     size = size_mib << 20
@@ -202,14 +215,7 @@ def dead_peer(args) -> int:
         finally:
             freeze(dead, signal.SIGCONT)
     finally:
-        if server:
-            server.terminate()
-            server.wait(10)
-        if agent:
-            agent.stop()
-        good.purge()
-        dead.purge()
-        shutil.rmtree(base, ignore_errors=True)
+        clean_up(server, agent, [good, dead], base)
 
     a, b = stats_ms(res["alone"]), stats_ms(res["beside"])
     lines = [f"### Ceph import beside a dead cluster, run of {now_utc()}", "",
@@ -233,11 +239,7 @@ def dead_peer(args) -> int:
               f"({res['dead_import_code'][0]} {res['dead_import_code'][1]}).",
               f"- the 10 stuck imports had all ended {res['stuck_ended_s']:.1f} s later "
               f"({', '.join(res['stuck_codes'])}), their upstream still stalled."]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_append:
-        append(section)
-    return 0
+    return publish(lines, args.no_append)
 
 
 def main() -> int:
@@ -300,13 +302,7 @@ def main() -> int:
             agent_run("agent qcow2, md5 checked", "disk.qcow2", qmd5)
         peak = rss_kb(agent.proc.pid, "VmHWM")
     finally:
-        if server:
-            server.terminate()
-            server.wait(10)
-        if agent:
-            agent.stop()
-        c.purge()
-        shutil.rmtree(base, ignore_errors=True)
+        clean_up(server, agent, [c], base)
 
     rbd_med = statistics.median(times["rbd import"])
     lines = [f"### Ceph image import ({args.size_mib} MiB), run of {now_utc()}", "",
@@ -329,11 +325,7 @@ def main() -> int:
               f"{peak / 1024:.0f} MB: the image is streamed, never held in memory.",
               f"- the agent's raw import runs at {ratio:.2f}x the speed of `rbd import` "
               "(no numeric target was set for this one)."]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_append:
-        append(section)
-    return 0
+    return publish(lines, args.no_append)
 
 
 if __name__ == "__main__":

@@ -34,24 +34,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 from benchlib import cpu_model, git_head  # noqa: E402
-from fuzz_sandbox import Sandbox, fuzz_available, get_json, remove_domains, run_schemathesis  # noqa: E402
+from fuzz_sandbox import (Sandbox, fuzz_available, get_json, internal_error_jobs, own_traceback_lines,  # noqa: E402
+                          remove_domains, run_schemathesis)
 from libvirt_fixture import Libvirtd  # noqa: E402
-
-
-def internal_error_jobs(agent) -> int:
-    import urllib.error
-    import urllib.request
-    bad = 0
-    for job in get_json(agent, "/v1/api-jobs")["inventories"]:
-        if job["state"] != "Failed":
-            continue
-        req = urllib.request.Request(f"{agent.url}/v1/api-jobs/{job['uuid']}", headers=agent.headers)
-        try:
-            urllib.request.urlopen(req, timeout=10)
-        except urllib.error.HTTPError as e:
-            if b"SYS.1500" in e.read():
-                bad += 1
-    return bad
 
 
 def main() -> int:
@@ -84,7 +69,7 @@ def main() -> int:
         seconds = time.monotonic() - t0
         text = done.stdout + done.stderr
         (out / "schemathesis.txt").write_text(text)
-        bad_jobs = internal_error_jobs(agent)
+        bad_jobs = len(internal_error_jobs(agent))
         healthy = get_json(agent, "/v1/health", token=False)["status"] == "ok"
     finally:
         if agent is not None:
@@ -93,7 +78,7 @@ def main() -> int:
         libvirtd.stop()
         shutil.rmtree(libvirtd.base, ignore_errors=True)
     log = agent.log()
-    own = [line for line in log.splitlines() if line.strip().startswith(f'File "{REPO}/')]
+    own = own_traceback_lines(log)
     writes = sandbox.writes_outside()
     found = re.search(r"(\d+) generated", text)
     cases = int(found.group(1)) if found else 0

@@ -40,7 +40,7 @@ from benchlib import fill_half_holes  # noqa: E402
 from migration_floor import run_tcp  # noqa: E402
 from storage_bench import AgentProcess  # noqa: E402  (tests/ is on the path from here)
 from storage_bench import (GIB, MIB, RESULTS, SERVER, busy_cpu, call, free_port, machine,  # noqa: E402
-                           rate, warm)
+                           migrate_volume, rate, volume_pair, warm)
 
 
 def new_agent(base: Path, name: str) -> AgentProcess:
@@ -166,19 +166,7 @@ async def bench_migration(base: Path, rounds: int) -> list[str]:
                                       {"params": {"imageUuid": im, "url": f"file://{src_file}",
                                                   "sha256": digest}})
             assert status == 200, body
-            ps = {}
-            for ag, name in ((a, "PA"), (b, "PB")):
-                u = uid()
-                status, body = await call(http, ag, "POST", "/v1/primary-storage/local",
-                                          {"params": {"uuid": u, "url": str(base / name)}})
-                assert status == 200, body
-                ps[name] = u
-            vol = uid()
-            status, body = await call(http, a, "POST", f"/v1/primary-storage/{ps['PA']}/volumes",
-                                      {"params": {"uuid": vol, "size": GIB, "format": "raw"}})
-            assert status == 200, body
-            rel = body["inventory"]["path"]
-            fill_half_holes(base / "PA" / rel, GIB)
+            ps, vol, rel = await volume_pair(http, a, b, base, "PA", "PB")
             here, there = (a, "PA"), (b, "PB")
             blob = base / "IA" / "blobs" / digest
             for _ in range(rounds):
@@ -199,11 +187,7 @@ async def bench_migration(base: Path, rounds: int) -> list[str]:
                 dst, dname = there
                 warm(base / sname / rel)
                 c0, t0 = busy_cpu(), time.monotonic()
-                status, body = await call(http, src, "PUT",
-                                          f"/v1/primary-storage/{ps[sname]}/volumes/{vol}/actions",
-                                          {"migrateVolume": {"destination": {
-                                              "primaryStorageUuid": ps[dname], "url": dst.url,
-                                              "token": dst.token}}})
+                status, body = await migrate_volume(http, src, dst, ps[sname], ps[dname], vol)
                 res["volume"].append(time.monotonic() - t0)
                 cpu["volume"].append(busy_cpu() - c0)
                 assert status == 200, body

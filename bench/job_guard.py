@@ -30,6 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.benchlib import REPO, cpu_model, git_head  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from agentproc import process_gone  # noqa: E402
 from agent.runner import Runner  # noqa: E402
 
 AGENT = """
@@ -38,15 +41,6 @@ sys.path.insert(0, sys.argv[2])
 from agent.runner import Runner
 asyncio.run(Runner("b").run(["bash", "-c", sys.argv[1]], timeout=600, guard=True))
 """
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
 
 
 async def spawn_costs(runs: int) -> dict[str, list[float]]:
@@ -80,7 +74,7 @@ def kill_latency(kills: int) -> list[float]:
             t = time.perf_counter()
             agent.kill()
             agent.wait()
-            while not all(_gone(p) for p in tree):
+            while not all(process_gone(p) for p in tree):
                 if time.perf_counter() - t > 5:
                     raise RuntimeError(f"the tree outlived the agent: {tree}")
                 time.sleep(0.001)

@@ -181,6 +181,31 @@ class Sshd:
             self.proc.wait(10)
 
 
+async def volume_pair(http, a, b, base: Path, name_a: str, name_b: str) -> tuple[dict[str, str], str, str]:
+    """A local primary storage at base/name_a on agent a and one at base/name_b on b (their
+    uuids by name), and a 1 GiB raw volume on a's, 1 MiB of data every 2 MiB: its uuid and path."""
+    ps = {}
+    for ag, name in ((a, name_a), (b, name_b)):
+        u = os.urandom(16).hex()
+        status, body = await call(http, ag, "POST", "/v1/primary-storage/local",
+                                  {"params": {"uuid": u, "url": str(base / name)}})
+        assert status == 200, body
+        ps[name] = u
+    vol = os.urandom(16).hex()
+    status, body = await call(http, a, "POST", f"/v1/primary-storage/{ps[name_a]}/volumes",
+                              {"params": {"uuid": vol, "size": GIB, "format": "raw"}})
+    assert status == 200, body
+    rel = body["inventory"]["path"]
+    fill_half_holes(base / name_a / rel, GIB)
+    return ps, vol, rel
+
+
+async def migrate_volume(http, src, dst, ps_src: str, ps_dst: str, vol: str) -> tuple[int, dict]:
+    return await call(http, src, "PUT", f"/v1/primary-storage/{ps_src}/volumes/{vol}/actions",
+                      {"migrateVolume": {"destination": {"primaryStorageUuid": ps_dst, "url": dst.url,
+                                                         "token": dst.token}}})
+
+
 async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[list[str], dict]:
     a, b = new_agent(base, "mig-a"), new_agent(base, "mig-b")
     sshd = Sshd(base).start() if rsync and (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) \
@@ -195,19 +220,7 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
     floor_parts: list[dict[str, float]] = []
     try:
         async with aiohttp.ClientSession() as http:
-            ps = {}
-            for ag, name in ((a, "A"), (b, "B")):
-                u = os.urandom(16).hex()
-                status, body = await call(http, ag, "POST", "/v1/primary-storage/local",
-                                          {"params": {"uuid": u, "url": str(base / name)}})
-                assert status == 200, body
-                ps[name] = u
-            vol = os.urandom(16).hex()
-            status, body = await call(http, a, "POST", f"/v1/primary-storage/{ps['A']}/volumes",
-                                      {"params": {"uuid": vol, "size": GIB, "format": "raw"}})
-            assert status == 200, body
-            rel = body["inventory"]["path"]
-            fill_half_holes(base / "A" / rel, GIB)
+            ps, vol, rel = await volume_pair(http, a, b, base, "A", "B")
             digest = hashlib.sha256((base / "A" / rel).read_bytes()).hexdigest()
             here, there = (a, "A"), (b, "B")
             for _ in range(rounds):
@@ -218,11 +231,7 @@ async def bench_migration(base: Path, rounds: int, rsync: bool = True) -> tuple[
                 senders = helpers_of(src.proc.pid, b"streamio.py\0send")     # the spare it takes
                 p0 = {ag: proc_cpu(ag.proc.pid) for ag in (src, dst)}
                 k0, c0, t0 = client_cpu(), busy_cpu(), time.monotonic()
-                status, body = await call(http, src, "PUT",
-                                          f"/v1/primary-storage/{ps[sname]}/volumes/{vol}/actions",
-                                          {"migrateVolume": {"destination": {
-                                              "primaryStorageUuid": ps[dname], "url": dst.url,
-                                              "token": dst.token}}})
+                status, body = await migrate_volume(http, src, dst, ps[sname], ps[dname], vol)
                 results["agent"].append(time.monotonic() - t0)
                 cpu["agent"].append(busy_cpu() - c0)
                 kc = client_cpu() - k0

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agentproc import AgentProcess
+from agentproc import AgentProcess, process_gone  # noqa: F401 (process_gone: for the tests)
 
 
 @pytest.fixture
@@ -140,11 +140,23 @@ async def wait_for(predicate, timeout: float = 15.0, what: str = "condition",
         await asyncio.sleep(interval)
 
 
-def process_gone(pid: int) -> bool:
-    """True when pid no longer runs (absent, or a zombie its parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] in (b"Z", b"X")
+async def all_gone(pids, within: float = 1.0) -> bool:
+    """True once every pid is gone, False if one still runs after within seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(process_gone(p) for p in pids):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def read_pids(path, count: int, within: float = 2.0) -> list[int]:
+    """The pids a test script writes to path, once there are count of them."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if path.exists():
+            got = path.read_text().split()
+            if len(got) >= count:
+                return [int(x) for x in got]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the script did not write {count} pids to {path}")

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,27 @@ def get_json(agent: AgentProcess, path: str, token: bool = True) -> Any:
     req = urllib.request.Request(agent.url + path, headers=agent.headers if token else {})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
+
+
+def internal_error_jobs(agent: AgentProcess) -> list[dict[str, Any]]:
+    """The agent's failed jobs whose result is an internal error (SYS.1500), with that result."""
+    bad = []
+    for job in get_json(agent, "/v1/api-jobs")["inventories"]:
+        if job["state"] != "Failed":
+            continue
+        req = urllib.request.Request(f"{agent.url}/v1/api-jobs/{job['uuid']}", headers=agent.headers)
+        try:
+            urllib.request.urlopen(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            if "SYS.1500" in body:
+                bad.append({"job": job, "result": body})
+    return bad
+
+
+def own_traceback_lines(log: str) -> list[str]:
+    """The lines of a log's tracebacks that go through the agent's own files."""
+    return [line for line in log.splitlines() if line.strip().startswith(f'File "{REPO}/')]
 
 
 def fuzz_schema(document: dict[str, Any]) -> dict[str, Any]:

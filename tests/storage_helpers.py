@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from conftest import run_job, submit, wait_for, wait_job  # noqa: F401 (wait_for: for the tests)
 
@@ -132,6 +136,31 @@ def loop_mount(agent, image: Path, mountpoint: str, fstype: str, size_mb: int) -
     nsrun(agent, "mount", "-o", "loop", str(image), mountpoint)
 
 
+# --- a download server ------------------------------------------------------------------------------
+
+class FileServer:
+    """A real HTTP server on 127.0.0.1 answering GET /{name} with handle() (the subclass's)."""
+
+    runner: web.AppRunner | None = None
+    port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_get("/{name}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
 # --- API shortcuts ---------------------------------------------------------------------------------
 
 async def add_storage(http, agent, kind: str, params: dict, timeout: float = 30) -> tuple[int, dict]:
@@ -185,6 +214,46 @@ def fake_mount_log(path: Path) -> list[list[str]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- migrations between two agents ------------------------------------------------------------
+
+def migration_pair(agent_factory) -> tuple[Any, Any]:
+    """Two started agents, "src" and "dst", that give up on a migration stalled for 10 s."""
+    conf = fast_storage(migration_stall_seconds=10)
+    return agent_factory(conf, name="src").start(), agent_factory(conf, name="dst").start()
+
+
+def fill(path, size: int, data_every: int, chunk: int) -> None:
+    """Write distinct data chunks at every data_every bytes; the rest stays a hole."""
+    with open(path, "r+b") as f:
+        for i, off in enumerate(range(0, size, data_every)):
+            f.seek(off)
+            f.write(hashlib.sha256(str(i).encode()).digest() * (chunk // 32))
+
+
+def kill9_source_mid_stream(src, dst) -> None:
+    """kill -9 the source while the destination is held (SIGSTOP), so the stream is cut mid-way."""
+    os.kill(dst.proc.pid, signal.SIGSTOP)
+    try:
+        src.kill9()
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+
+
+async def wait_streaming(http, agent, location: str, timeout: float) -> None:
+    """Until the migration job at location reports sent bytes (it must still be running)."""
+    async def streaming():
+        async with http.get(location, headers=agent.headers) as r:
+            got = await r.json()
+            assert r.status == 202, got
+            return (got.get("progress") or {}).get("sentBytes", 0) > 0
+    await wait_for(streaming, timeout, "the stream started", interval=0.01)
+
+
+async def temporary_removed(root: Path, timeout: float = 10,
+                            what: str = "the destination's temporary removed") -> None:
+    await wait_for(lambda: not any(".part-" in f for f in all_files(root)), timeout, what)
 
 
 def visible_files(root: Path) -> set[str]:

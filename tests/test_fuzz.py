@@ -18,29 +18,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from agentproc import REPO
 from fuzz_sandbox import (EXCLUDED_ACTIONS, Sandbox, domain_names, fuzz_available, fuzz_schema,
-                          get_json, remove_domains, run_schemathesis)
+                          get_json, internal_error_jobs, own_traceback_lines, remove_domains,
+                          run_schemathesis)
 from libvirt_fixture import libvirtd  # noqa: F401  (the session fixture)
 
 CI_EXAMPLES = 3        # per operation and phase: ~350 cases in all, in about 2 minutes
 CI_SEED = 20261207     # fixed, so a CI failure replays
-
-
-def failed_jobs_with_internal_errors(agent) -> list[dict]:
-    jobs = get_json(agent, "/v1/api-jobs")["inventories"]
-    bad = []
-    for job in jobs:
-        if job["state"] != "Failed":
-            continue
-        req = urllib.request.Request(f"{agent.url}/v1/api-jobs/{job['uuid']}", headers=agent.headers)
-        try:
-            urllib.request.urlopen(req, timeout=10)
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            if "SYS.1500" in body:
-                bad.append({"job": job, "result": body})
-    return bad
 
 
 def test_schema_fuzzing_of_every_operation(libvirtd, tmp_path):  # noqa: F811
@@ -65,15 +49,14 @@ def test_schema_fuzzing_of_every_operation(libvirtd, tmp_path):  # noqa: F811
         document = get_json(agent, "/v1/openapi.json")
         assert len(tested) == sum(len(item) for item in document["paths"].values()) - 1
         assert get_json(agent, "/v1/health", token=False)["status"] == "ok"
-        assert failed_jobs_with_internal_errors(agent) == []
+        assert internal_error_jobs(agent) == []
     finally:
         agent.stop()
         remove_domains(libvirtd.uri, domains_before)
     # An error of the agent's own code: its 500 line, or a traceback through its files.
     # (aiohttp's parser logging a refused header at ERROR is issue 10.3's, not a crash.)
     log = agent.log()
-    own_frames = [line for line in log.splitlines()
-                  if line.strip().startswith(f'File "{REPO}/')]
+    own_frames = own_traceback_lines(log)
     assert "unhandled error" not in log and not own_frames, log[-5000:]
     assert sandbox.writes_outside() == []
 

@@ -16,19 +16,16 @@ from aiohttp import web
 from agent import errors
 from conftest import submit
 from plugins.storage.imagecache import Fetcher
-from storage_helpers import add_storage, fast_storage, get, job, uid
+from storage_helpers import FileServer, add_storage, fast_storage, get, job, uid
 
 BS = "/v1/backup-storage"
 
 
-class RangeServer:
-    """A real HTTP server on 127.0.0.1 serving files from a directory (aiohttp's FileResponse:
-    Range requests too)."""
+class RangeServer(FileServer):
+    """Serves files from a directory (aiohttp's FileResponse: Range requests too)."""
 
     def __init__(self, root) -> None:
         self.root = root
-        self.runner = None
-        self.port = 0
         self.hits = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -37,19 +34,6 @@ class RangeServer:
         if not os.path.isfile(path):
             return web.Response(status=404)
         return web.FileResponse(path)
-
-    async def start(self) -> "RangeServer":
-        app = web.Application()
-        app.router.add_get("/{name}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return self
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
 
 
 @pytest.fixture

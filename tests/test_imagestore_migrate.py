@@ -12,7 +12,8 @@ import signal
 import pytest
 
 from conftest import submit, wait_job
-from storage_helpers import all_files, fast_storage, get, job, uid, visible_files, wait_for
+from storage_helpers import (fill, get, job, kill9_source_mid_stream, migration_pair, temporary_removed, uid,
+                             visible_files, wait_streaming)
 
 BS = "/v1/backup-storage"
 MIB = 1 << 20
@@ -20,8 +21,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def pair(agent_factory):
-    conf = fast_storage(migration_stall_seconds=10)
-    return agent_factory(conf, name="src").start(), agent_factory(conf, name="dst").start()
+    return migration_pair(agent_factory)
 
 
 async def stores(http, src, dst, tmp_path) -> tuple[str, str]:
@@ -40,9 +40,7 @@ async def image(http, src, tmp_path, a: str, size: int) -> tuple[str, str]:
     f = srcdir / f"img{size}.raw"
     with open(f, "wb") as out:
         out.truncate(size)
-        for i, off in enumerate(range(0, size, 2 * MIB)):
-            out.seek(off)
-            out.write(hashlib.sha256(str(i).encode()).digest() * (MIB // 32))
+    fill(f, size, 2 * MIB, MIB)
     digest = hashlib.sha256(f.read_bytes()).hexdigest()
     im = uid()
     status, body = await job(http, src, "POST", f"{BS}/{a}/images",
@@ -98,13 +96,7 @@ async def test_migrate_image_wrong_token_unreachable_changes_nothing(pair, http,
 async def start_big(http, src, dst, a, b, im) -> str:
     status, reply = await submit(http, src, "PUT", f"{BS}/{a}/images/{im}/actions", body(dst, b))
     assert status == 202, reply
-
-    async def streaming():
-        async with http.get(reply["location"], headers=src.headers) as r:
-            got = await r.json()
-            assert r.status == 202, got
-            return (got.get("progress") or {}).get("sentBytes", 0) > 0
-    await wait_for(streaming, 30, "the stream started", interval=0.01)
+    await wait_streaming(http, src, reply["location"], 30)
     return reply["location"]
 
 
@@ -119,8 +111,7 @@ async def test_kill9_destination_mid_stream_leaves_nothing(pair, http, tmp_path)
     status, reply = await wait_job(http, src, location, timeout=60)
     assert status == 503 and "source is unchanged" in reply["error"]["description"], reply
     assert hashlib.sha256((tmp_path / "A" / "blobs" / digest).read_bytes()).hexdigest() == digest
-    await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "B")), 10,
-                   "the destination's temporary removed")
+    await temporary_removed(tmp_path / "B")
     assert visible_files(tmp_path / "B") == before
     dst.start()
     assert (await get(http, dst, f"{BS}/{b}/images"))[1]["inventories"] == []
@@ -136,13 +127,8 @@ async def test_kill9_source_mid_stream_leaves_nothing(pair, http, tmp_path):
     im, digest = await image(http, src, tmp_path, a, 1 << 30)
     before = visible_files(tmp_path / "B")
     await start_big(http, src, dst, a, b, im)
-    os.kill(dst.proc.pid, signal.SIGSTOP)
-    try:
-        src.kill9()
-    finally:
-        os.kill(dst.proc.pid, signal.SIGCONT)
-    await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "B")), 10,
-                   "the destination's temporary removed")
+    kill9_source_mid_stream(src, dst)
+    await temporary_removed(tmp_path / "B")
     assert visible_files(tmp_path / "B") == before
     assert (await get(http, dst, f"{BS}/{b}/images"))[1]["inventories"] == []
     src.start()

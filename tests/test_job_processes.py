@@ -14,29 +14,9 @@ import time
 
 import pytest
 
-from conftest import process_gone, submit, wait_job
+from conftest import all_gone, process_gone, read_pids, submit, wait_job
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _pids(path, count: int, within: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if path.exists():
-            got = path.read_text().split()
-            if len(got) >= count:
-                return [int(x) for x in got]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the script did not write {count} pids to {path}")
-
-
-async def _all_gone(pids, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if all(process_gone(p) for p in pids):
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 def _script(pidfile, marker, delay: float) -> str:
@@ -58,9 +38,9 @@ async def test_kill9_mid_run_shell_kills_the_script_tree(agent, http, tmp_path):
     status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
                                  {"kvmRunShell": {"script": _script(pidfile, marker, 2)}})
     assert status == 202, reply
-    pids = await _pids(pidfile, 2)
+    pids = await read_pids(pidfile, 2, within=10.0)
     agent.kill9()
-    assert await _all_gone(pids, 1.0), "the script outlived the agent"
+    assert await all_gone(pids, 1.0), "the script outlived the agent"
     await asyncio.sleep(2.5)
     assert not marker.exists(), "the killed agent's script still ran its side effect"
 
@@ -79,7 +59,7 @@ async def test_restart_kills_a_leftover_recorded_in_state(agent, http, tmp_path)
     status, reply = await submit(http, agent, "PUT", "/v1/host/actions",
                                  {"kvmRunShell": {"script": _script(pidfile, marker, delay)}})
     assert status == 202, reply
-    shell, child = await _pids(pidfile, 2)
+    shell, child = await read_pids(pidfile, 2, within=10.0)
     guard = _ppid(shell)
     with sqlite3.connect(agent.state_dir / "state.db") as db:
         recorded = [r[0] for r in db.execute("SELECT pid FROM job_processes")]
@@ -91,7 +71,7 @@ async def test_restart_kills_a_leftover_recorded_in_state(agent, http, tmp_path)
 
     agent.start()
     # Killed before the agent answered its first request.
-    assert await _all_gone([shell, child], 0.2), "a leftover job process survived the restart"
+    assert await all_gone([shell, child], 0.2), "a leftover job process survived the restart"
     assert "left running by the previous agent" in agent.log(), agent.log()[-3000:]
     with sqlite3.connect(agent.state_dir / "state.db") as db:
         assert db.execute("SELECT COUNT(*) FROM job_processes").fetchone()[0] == 0

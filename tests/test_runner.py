@@ -11,7 +11,7 @@ import pytest
 
 from agent.errors import OperationFailed, Timeout
 from agent.runner import ProcessResult, Runner
-from conftest import process_gone
+from conftest import all_gone, process_gone, read_pids
 
 # A hang is a bug here: fail fast instead of waiting for the global timeout.
 pytestmark = [pytest.mark.timeout(10),
@@ -35,26 +35,6 @@ def runner(request):
     r = _Runner("test", max_threads=2, max_processes=3, guard=request.param)
     yield r
     r.close()
-
-
-async def _all_gone(pids: list[int], within: float = 1.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if all(process_gone(p) for p in pids):
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-async def _read_pids(path, count: int, within: float = 2.0) -> list[int]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if path.exists():
-            lines = path.read_text().split()
-            if len(lines) >= count:
-                return [int(x) for x in lines]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"script did not write {count} pids to {path}")
 
 
 # A parent with a child in its group and a child that setsid'd into its own.
@@ -103,7 +83,7 @@ async def test_timeout_kills(runner, tmp_path):
         await runner.run(["bash", "-c", f"echo $$ > {pidfile}; exec sleep 30"], timeout=0.5)
     assert time.monotonic() - t0 < 1.0
     assert "0.5" in ei.value.description and "bash" in ei.value.description
-    [pid] = await _read_pids(pidfile, 1)
+    [pid] = await read_pids(pidfile, 1)
     # Our own child: it must be reaped, not even a zombie.
     assert not os.path.exists(f"/proc/{pid}")
     assert runner.stats()["processesRunning"] == 0
@@ -113,8 +93,8 @@ async def test_timeout_kills_tree(runner, tmp_path):
     pidfile = tmp_path / "pids"
     with pytest.raises(Timeout):
         await runner.run(_tree_script(pidfile), timeout=0.7)
-    pids = await _read_pids(pidfile, 2)
-    assert await _all_gone(pids), pids
+    pids = await read_pids(pidfile, 2)
+    assert await all_gone(pids), pids
 
 
 async def test_timeout_kills_orphan_holding_pipe(runner, tmp_path):
@@ -122,8 +102,8 @@ async def test_timeout_kills_orphan_holding_pipe(runner, tmp_path):
     pidfile = tmp_path / "pid"
     with pytest.raises(Timeout):
         await runner.run(["bash", "-c", f"sleep 102 & echo $! > {pidfile}"], timeout=0.5)
-    pids = await _read_pids(pidfile, 1)
-    assert await _all_gone(pids), pids
+    pids = await read_pids(pidfile, 1)
+    assert await all_gone(pids), pids
 
 
 async def test_timeout_while_flooding_output(runner):
@@ -147,9 +127,9 @@ async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
         assert time.monotonic() - t0 < 2.0
         assert runner.stats()["processesRunning"] == 0
         if runner.guard:
-            assert await _all_gone(await _read_pids(pidfile, 1))
+            assert await all_gone(await read_pids(pidfile, 1))
     finally:
-        for pid in await _read_pids(pidfile, 1):
+        for pid in await read_pids(pidfile, 1):
             if not process_gone(pid):
                 os.kill(pid, 9)
 
@@ -157,12 +137,12 @@ async def test_timeout_with_escaped_pipe_holder(runner, tmp_path):
 async def test_cancel_kills_tree(runner, tmp_path):
     pidfile = tmp_path / "pids"
     task = asyncio.create_task(runner.run(_tree_script(pidfile), timeout=30))
-    pids = await _read_pids(pidfile, 2)
+    pids = await read_pids(pidfile, 2)
     assert runner.stats()["processesRunning"] == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await _all_gone(pids), pids
+    assert await all_gone(pids), pids
     assert runner.stats()["processesRunning"] == 0
 
 
@@ -276,11 +256,11 @@ async def test_close_kills_live_trees(tmp_path, guard):
     r = _Runner("c", guard=guard)
     pidfile = tmp_path / "pids"
     task = asyncio.create_task(r.run(_tree_script(pidfile), timeout=30))
-    pids = await _read_pids(pidfile, 2)
+    pids = await read_pids(pidfile, 2)
     r.close()
     res = await task  # killed: the run ends with the SIGKILL return code
     assert res.returncode == -9
-    assert await _all_gone(pids), pids
+    assert await all_gone(pids), pids
 
 
 
@@ -343,10 +323,10 @@ async def test_tree_dies_with_its_agent(tmp_path):
         sys.executable, "-c", _FAKE_AGENT, script,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        pids = await _read_pids(pidfile, 3)
+        pids = await read_pids(pidfile, 3)
         agent.kill()
         await agent.wait()
-        assert await _all_gone(pids), pids
+        assert await all_gone(pids), pids
         await asyncio.sleep(2.0)
         assert not marker.exists()
     finally:
@@ -375,7 +355,7 @@ async def test_leftover_needs_the_recorded_start_time(tmp_path):
         killed = await ProcessLedger().open(db, time.time())
         assert sorted(killed) == sorted([leftover.pid, grandchild])
         assert leftover.wait(2) == -9
-        assert await _all_gone([grandchild])
+        assert await all_gone([grandchild])
         assert lookalike.poll() is None, "a process with another start time was killed"
         assert await db.fetchall("SELECT * FROM job_processes") == []
     finally:
@@ -406,9 +386,9 @@ async def test_a_daemon_that_let_go_of_the_output_does_not_hold_the_job(runner, 
     try:
         assert (res.returncode, res.stdout) == (0, b"done\n")
         assert time.monotonic() - t0 < 2.0
-        [daemon] = await _read_pids(pidfile, 1)
+        [daemon] = await read_pids(pidfile, 1)
         assert not process_gone(daemon)
     finally:
-        for pid in await _read_pids(pidfile, 1):
+        for pid in await read_pids(pidfile, 1):
             if not process_gone(pid):
                 os.kill(pid, 9)

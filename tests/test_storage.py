@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from conftest import submit, wait_job
-from storage_helpers import (PS, add_storage, all_files, fake_mount_log, fast_storage, get, job, uid,
+from storage_helpers import (PS, FileServer, add_storage, all_files, fake_mount_log, fast_storage, get, job, uid,
                              visible_files)
 
 
@@ -26,14 +26,12 @@ def sagent(agent_factory, tmp_path):
     return a
 
 
-class ImageServer:
-    """A real HTTP server for downloads; can stream slowly."""
+class ImageServer(FileServer):
+    """Serves bytes by name; can stream slowly."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.delay = 0.0
-        self.runner = None
-        self.port = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         data = self.files.get(request.match_info["name"])
@@ -47,19 +45,6 @@ class ImageServer:
                 await asyncio.sleep(self.delay)
         await resp.write_eof()
         return resp
-
-    async def start(self) -> "ImageServer":
-        app = web.Application()
-        app.router.add_get("/{name}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return self
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
 
 
 def qcow2_image(path, size="64M", pattern_mb: int = 4, backing: str | None = None) -> bytes:

@@ -20,6 +20,42 @@ def cagent(agent_factory, ceph_cluster):  # noqa: F811
     return agent_factory({"ceph": TIMEOUTS, **fast_storage()}, name="cagent").start()
 
 
+async def add_ceph_backup_storage(http, agent, c, suffix: str) -> str:
+    """Ceph backup storage "cbs<suffix>" on pool "coll-bs<suffix>" of the cluster; its uuid."""
+    status, body = await job(http, agent, "POST", "/v1/backup-storage/ceph", {"params": {
+        "name": f"cbs{suffix}", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key,
+        "poolName": f"coll-bs{suffix}"}})
+    assert status == 200, body
+    return body["inventory"]["uuid"]
+
+
+async def add_image_store(http, agent, root, uuid: str | None = None) -> str:
+    uuid = uuid or uid()
+    status, body = await job(http, agent, "POST", "/v1/backup-storage/image-store",
+                             {"params": {"uuid": uuid, "url": str(root)}})
+    assert status == 200, body
+    return uuid
+
+
+async def ceph_and_two_image_stores(http, agent, c, tmp_path, suffix: str) -> tuple[str, str, str]:
+    """A Ceph backup storage and image stores at tmp_path/is1 and is2: their uuids."""
+    return (await add_ceph_backup_storage(http, agent, c, suffix),
+            await add_image_store(http, agent, tmp_path / "is1"),
+            await add_image_store(http, agent, tmp_path / "is2"))
+
+
+async def import_raw(http, agent, store: str, tmp_path, data: bytes, name: str) -> tuple[str, dict]:
+    """data imported from tmp_path/files/img.raw into the image store: the image's uuid and inventory."""
+    src = tmp_path / "files"
+    src.mkdir()
+    (src / "img.raw").write_bytes(data)
+    im = uid()
+    status, body = await job(http, agent, "POST", f"/v1/backup-storage/{store}/images",
+                             {"params": {"imageUuid": im, "name": name, "url": f"file://{src}/img.raw"}})
+    assert status == 200, body
+    return im, body["inventory"]
+
+
 async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
     c = ceph_cluster
     status, body = await job(http, cagent, "POST", "/v1/primary-storage/ceph", {"params": {
@@ -28,15 +64,10 @@ async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http
         "imageCachePoolName": "coll-cache"}})
     assert status == 200, body
     cps = body["inventory"]["uuid"]
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
-        "name": "cbs", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs"}})
-    assert status == 200, body
-    cbs = body["inventory"]["uuid"]
+    cbs = await add_ceph_backup_storage(http, cagent, c, "")
     lps, ibs = uid(), uid()
     assert (await add_storage(http, cagent, "local", {"uuid": lps, "url": str(tmp_path / "ps")}))[0] == 200
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
-                             {"params": {"uuid": ibs, "url": str(tmp_path / "is")}})
-    assert status == 200, body
+    await add_image_store(http, cagent, tmp_path / "is", ibs)
 
     status, body = await get(http, cagent, "/v1/primary-storage")
     assert status == 200 and {i["uuid"]: i["type"] for i in body["inventories"]} == \
@@ -99,24 +130,10 @@ async def test_ceph_and_local_kinds_in_one_collection(cagent, ceph_cluster, http
 async def test_image_store_to_ceph_and_image_store_on_the_same_node(cagent, ceph_cluster, http, tmp_path):  # noqa: F811
     import hashlib
     c = ceph_cluster
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
-        "name": "cbs2", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs2"}})
-    assert status == 200, body
-    cbs = body["inventory"]["uuid"]
-    s1, s2 = uid(), uid()
-    for u, d in ((s1, "is1"), (s2, "is2")):
-        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
-                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
-        assert status == 200, body
-    src = tmp_path / "files"
-    src.mkdir()
+    cbs, s1, s2 = await ceph_and_two_image_stores(http, cagent, c, tmp_path, "2")
     data = bytes(range(256)) * 4096 * 4          # 4 MiB
-    (src / "img.raw").write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    im = uid()
-    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
-                             {"params": {"imageUuid": im, "name": "x", "url": f"file://{src}/img.raw"}})
-    assert status == 200, body
+    im, _ = await import_raw(http, cagent, s1, tmp_path, data, "x")
     # to Ceph backup storage: read from a one-off export of this agent, sha256 checked by Ceph
     status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
                              {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
@@ -148,26 +165,11 @@ async def test_ceph_to_image_store_on_the_same_node(cagent, ceph_cluster, http, 
     migrateImage call, verified by its sha256 there; refusals change nothing."""
     import hashlib
     c = ceph_cluster
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
-        "name": "cbs3", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs3"}})
-    assert status == 200, body
-    cbs = body["inventory"]["uuid"]
-    s1, s2 = uid(), uid()
-    for u, d in ((s1, "is1"), (s2, "is2")):
-        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
-                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
-        assert status == 200, body
-    src = tmp_path / "files"
-    src.mkdir()
+    cbs, s1, s2 = await ceph_and_two_image_stores(http, cagent, c, tmp_path, "3")
     data = bytes(range(255, -1, -1)) * 4096 * 5 + b"tail"      # 5 MiB + 4 bytes: a partial block
-    (src / "img.raw").write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    im = uid()
     # into Ceph (by the image store's same-node migration), then the image store copy goes
-    status, body = await job(http, cagent, "POST", f"/v1/backup-storage/{s1}/images",
-                             {"params": {"imageUuid": im, "name": "rev", "url": f"file://{src}/img.raw"}})
-    assert status == 200, body
-    first = body["inventory"]          # what an image store lists for this content
+    im, first = await import_raw(http, cagent, s1, tmp_path, data, "rev")  # first: what an image store lists
     status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/{s1}/images/{im}/actions",
                              {"migrateImage": {"destination": {"backupStorageUuid": cbs}}}, timeout=120)
     assert status == 200, body
@@ -206,10 +208,7 @@ async def test_ceph_to_image_store_on_the_same_node(cagent, ceph_cluster, http, 
 
     # the Ceph image no longer has the content its checksum says (written behind the agent's
     # back): the image store refuses it; nothing is listed or left there, the source stays
-    s3 = uid()
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
-                             {"params": {"uuid": s3, "url": str(tmp_path / "is3")}})
-    assert status == 200, body
+    s3 = await add_image_store(http, cagent, tmp_path / "is3")
     c.rbd("bench", "--io-type", "write", "--io-size", "4096", "--io-total", "4096",
           "--io-pattern", "seq", f"coll-bs3/{im}")
     status, body = await job(http, cagent, "PUT", f"/v1/backup-storage/ceph/{cbs}/images/{im}/actions",
@@ -225,15 +224,7 @@ async def test_ceph_qcow2_import_to_image_store_is_refused(cagent, ceph_cluster,
     verify at the image store, so the migration is a 400 before anything runs."""
     import subprocess
     c = ceph_cluster
-    status, body = await job(http, cagent, "POST", "/v1/backup-storage/ceph", {"params": {
-        "name": "cbs4", "monUrls": [f"127.0.0.1:{c.port}"], "key": c.key, "poolName": "coll-bs4"}})
-    assert status == 200, body
-    cbs = body["inventory"]["uuid"]
-    s1, s2 = uid(), uid()
-    for u, d in ((s1, "is1"), (s2, "is2")):
-        status, body = await job(http, cagent, "POST", "/v1/backup-storage/image-store",
-                                 {"params": {"uuid": u, "url": str(tmp_path / d)}})
-        assert status == 200, body
+    cbs, s1, s2 = await ceph_and_two_image_stores(http, cagent, c, tmp_path, "4")
     (tmp_path / "files").mkdir()
     qcow = tmp_path / "files" / "img.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(qcow), "8M"], check=True,

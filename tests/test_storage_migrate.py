@@ -14,18 +14,16 @@ import subprocess
 import pytest
 
 from conftest import submit, wait_job
-from storage_helpers import PS, add_storage, all_files, fast_storage, get, job, uid, visible_files, wait_for
+from storage_helpers import (PS, add_storage, all_files, fast_storage, fill, get, job, kill9_source_mid_stream,
+                             migration_pair, temporary_removed, uid, visible_files, wait_for, wait_streaming)
 from test_storage import ImageServer, qcow2_image
 
 MIB = 1 << 20
 
 
 @pytest.fixture
-def pair(agent_factory, tmp_path):
-    conf = fast_storage(migration_stall_seconds=10)
-    src = agent_factory(conf, name="src").start()
-    dst = agent_factory(conf, name="dst").start()
-    return src, dst
+def pair(agent_factory):
+    return migration_pair(agent_factory)
 
 
 async def storages(http, src, dst, tmp_path):
@@ -33,14 +31,6 @@ async def storages(http, src, dst, tmp_path):
     assert (await add_storage(http, src, "local", {"uuid": ps_a, "url": str(tmp_path / "A")}))[0] == 200
     assert (await add_storage(http, dst, "local", {"uuid": ps_b, "url": str(tmp_path / "B")}))[0] == 200
     return ps_a, ps_b
-
-
-def fill(path, size: int, data_every: int, chunk: int) -> None:
-    """Write distinct data chunks at every data_every bytes; the rest stays a hole."""
-    with open(path, "r+b") as f:
-        for i, off in enumerate(range(0, size, data_every)):
-            f.seek(off)
-            f.write(hashlib.sha256(str(i).encode()).digest() * (chunk // 32))
 
 
 def sha(path) -> str:
@@ -145,13 +135,7 @@ async def start_big_migration(http, src, dst, tmp_path, ps_a, ps_b) -> tuple[str
     digest = sha(path)
     status, reply = await submit(http, src, "PUT", f"{PS}/{ps_a}/volumes/{v}/actions", migrate_body(dst, ps_b))
     assert status == 202
-
-    async def streaming():
-        async with http.get(reply["location"], headers=src.headers) as r:
-            b = await r.json()
-            assert r.status == 202, b
-            return (b.get("progress") or {}).get("sentBytes", 0) > 0
-    await wait_for(streaming, 20, "the stream started", interval=0.01)
+    await wait_streaming(http, src, reply["location"], 20)
     return v, str(path), digest, reply["location"]
 
 
@@ -160,14 +144,9 @@ async def test_kill9_source_mid_stream(pair, http, tmp_path):
     ps_a, ps_b = await storages(http, src, dst, tmp_path)
     before = visible_files(tmp_path / "B")
     v, path, digest, location = await start_big_migration(http, src, dst, tmp_path, ps_a, ps_b)
-    os.kill(dst.proc.pid, signal.SIGSTOP)       # hold the stream mid-way
-    try:
-        src.kill9()
-    finally:
-        os.kill(dst.proc.pid, signal.SIGCONT)
+    kill9_source_mid_stream(src, dst)
     # the destination drops the half stream: nothing visible, its temporary removed
-    await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "B")), 10,
-                   "the destination's temporary removed")
+    await temporary_removed(tmp_path / "B")
     assert visible_files(tmp_path / "B") == before
     assert (await get(http, dst, f"{PS}/{ps_b}/volumes"))[1]["inventories"] == []
     # the source is intact; the job is reported interrupted after the restart
@@ -202,8 +181,7 @@ async def test_kill9_destination_mid_stream(pair, http, tmp_path):
     # Nothing is ever visible under a final name meanwhile.
     assert visible_files(tmp_path / "B") == before
     dst.start()
-    await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "B")), 20,
-                   "the destination's temporary removed")
+    await temporary_removed(tmp_path / "B", 20)
     assert visible_files(tmp_path / "B") == before
     assert (await get(http, dst, f"{PS}/{ps_b}/volumes"))[1]["inventories"] == []
 
@@ -258,8 +236,7 @@ async def test_stream_taken_over_by_the_writer_checked_end_to_end(pair, http, tm
     status, body = await put_stream(http, dst, ps_b, v, bad, size, data_bytes)
     assert status == 400 and body["error"]["code"] == "STORAGE.1541", body
     assert asyncio.get_running_loop().time() - t0 < 8
-    await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "B")), 10,
-                   "the refused stream's temporary removed")
+    await temporary_removed(tmp_path / "B", what="the refused stream's temporary removed")
     assert visible_files(tmp_path / "B") == before
     # frames that go past the file size are refused too
     status, body = await put_stream(http, dst, ps_b, v, frames_body(chunks, 8 * MIB), 8 * MIB, data_bytes)
@@ -355,8 +332,7 @@ async def test_destination_storage_hangs_mid_stream(agent_factory, http, tmp_pat
             assert asyncio.get_running_loop().time() - t1 < 1.0
         fuse.release()
         # the writer, unstuck, finds the stream gone and removes its temporary
-        await wait_for(lambda: not any(".part-" in f for f in all_files(tmp_path / "backing")), 20,
-                       "the stream's temporary removed")
+        await temporary_removed(tmp_path / "backing", 20, "the stream's temporary removed")
         assert visible_files(tmp_path / "backing" / "ps") == set() or \
             visible_files(tmp_path / "backing" / "ps") <= {".node-agent-storage.json"}
         assert (await get(http, dst, f"{PS}/{ps_b}/volumes"))[1]["inventories"] == []

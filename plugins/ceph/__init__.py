@@ -248,20 +248,10 @@ class CephPlugin(Plugin):
                 with conn.use() as r:
                     return fn(r, *args)
             except Exception as e:
-                # Marked here, in the thread, before this thread takes the next queued
-                # call: marked on the loop, a second batch would already be waiting.
-                err = translate(e, what, conn.label, self.timeouts)
-                if isinstance(err, Unreachable):
-                    self._mark_down(conn, err.description)
+                self._translate_in_thread(e, conn, what)
                 raise
-        if not probe:
-            self._fail_if_down(conn, what)
-        try:
-            return await self.raw_call(conn.label, work, what=what, timeout=timeout,
-                                       runner=self._conn_runner(conn))
-        except Unreachable as e:       # also the runner's own timeout
-            self._mark_down(conn, e.description)
-            raise
+        return await self._in_pool(conn, work, [] if probe else [conn], what=what, timeout=timeout,
+                                   runner=self._conn_runner(conn))
 
     async def bulk_call(self, conn: Connection, fn: Callable[..., Any], *args: Any, what: str,
                         timeout: float | None = None, also: Connection | None = None) -> Any:
@@ -278,15 +268,27 @@ class CephPlugin(Plugin):
                 return fn(*args)
             except Exception as e:
                 culprit = getattr(e, "ceph_conn", None) or conn     # the end that failed
-                err = translate(e, what, culprit.label, self.timeouts)
-                if isinstance(err, Unreachable):
-                    self._mark_down(culprit, err.description)
-                raise err from None
+                raise self._translate_in_thread(e, culprit, what) from None
+        return await self._in_pool(conn, work, ends, what=what, timeout=timeout,
+                                   runner=self._bulk_runner(conn))
+
+    def _translate_in_thread(self, e: Exception, conn: Connection, what: str) -> errors.ApiError:
+        """e as the wire's error, the cluster marked down when that says unreachable: in
+        the thread, before it takes the next queued call (marked on the loop, a second
+        batch would already be waiting)."""
+        err = translate(e, what, conn.label, self.timeouts)
+        if isinstance(err, Unreachable):
+            self._mark_down(conn, err.description)
+        return err
+
+    async def _in_pool(self, conn: Connection, work: Callable[[], Any], ends: list[Connection], *,
+                       what: str, timeout: float | None, runner: Runner) -> Any:
+        """work() on runner (the cluster's pool) unless one of ends is known down; the
+        cluster is marked down when the call finds it unreachable."""
         for c in ends:
             self._fail_if_down(c, what)
         try:
-            return await self.raw_call(conn.label, work, what=what, timeout=timeout,
-                                       runner=self._bulk_runner(conn))
+            return await self.raw_call(conn.label, work, what=what, timeout=timeout, runner=runner)
         except Unreachable as e:       # also the runner's own timeout
             self._mark_down(conn, e.description)
             raise

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from agent.cpuinfo import AMD, INTEL, vendor_flag, vendor_key, vendor_kind  # noqa: F401 (the shared rule)
+from agent.cpuinfo import AMD, vendor_flag, vendor_key
 
 VARS = ("GRUB_CMDLINE_LINUX", "GRUB_CMDLINE_LINUX_DEFAULT")
 PASSTHROUGH = "iommu=pt"

@@ -17,7 +17,7 @@ from agent.models import WireModel
 
 from . import bootconfig
 
-ACPI_TABLES = {"DMAR": bootconfig.INTEL, "IVRS": bootconfig.AMD}
+ACPI_TABLES = {"DMAR": cpuinfo.INTEL, "IVRS": cpuinfo.AMD}
 
 
 class Evidence(WireModel):
@@ -100,9 +100,9 @@ def collect(root: str | os.PathLike = "/") -> IommuStatus:
 
 def reason(ev: Evidence, tokens: list[str], tables_seen: bool, default_on: bool = False) -> str:
     """Why there are no IOMMU groups, in the order an operator would fix it."""
-    kind = bootconfig.vendor_kind(ev.cpu_vendor)
-    firmware = {bootconfig.INTEL: "VT-d", bootconfig.AMD: "AMD-Vi (IOMMU)"}.get(kind, "VT-d/AMD-Vi")
-    flag = bootconfig.vendor_flag(kind) or "intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+    kind = cpuinfo.vendor_kind(ev.cpu_vendor)
+    firmware = {cpuinfo.INTEL: "VT-d", cpuinfo.AMD: "AMD-Vi (IOMMU)"}.get(kind, "VT-d/AMD-Vi")
+    flag = cpuinfo.vendor_flag(kind) or "intel_iommu=on (Intel) or amd_iommu=on (AMD)"
     steps: list[str] = []
     if ev.virtual_machine:
         steps.append("this node is itself a virtual machine: its hypervisor must give it a "

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import cpuinfo
+
 from . import bootconfig, status
 
 GRUB_DEFAULTS = "etc/default/grub"
@@ -113,7 +115,7 @@ def grub_cfg(root: str) -> str:
 
 def inspect(root: str) -> Host:
     vendor, _ = status.cpu(root)
-    host = Host(root=root, cpu_vendor=vendor, kind=bootconfig.vendor_kind(vendor),
+    host = Host(root=root, cpu_vendor=vendor, kind=cpuinfo.vendor_kind(vendor),
                 intel_default_on=status.intel_default_on(root),
                 running=status.running_cmdline(root), tools=find_tools(root))
     host.files = read_grub_files(root)

@@ -22,7 +22,7 @@ import contextlib
 import errno as errno_mod
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily
@@ -347,17 +347,25 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
                 log.warning("primary storage %s could not be connected at start: %s", st.uuid, e)
             except Exception:
                 log.exception("primary storage %s: start-up connect failed", st.uuid)
+        await self._health_checks(st, "primary storage", self._check)
+
+    async def _health_checks(self, st: Storage, kind: str, check: Callable[[Storage], Awaitable[None]],
+                             before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """check(st) under st.conn_lock every probe interval (skipped while a connect holds
+        the lock), after before() when given; a failure is logged and the next one comes."""
         while True:
             await asyncio.sleep(self.conf.probe_interval_seconds)
             if st.conn_lock.locked():
                 continue
             try:
+                if before is not None:
+                    await before()
                 async with st.conn_lock:
-                    await self._check(st)
+                    await check(st)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("primary storage %s: the health check failed", st.uuid)
+                log.exception("%s %s: the health check failed", kind, st.uuid)
 
     async def _capacity(self, st: Storage, save: bool = False) -> dict[str, int]:
         vfs = await self.fs(st, "statvfs")
@@ -468,13 +476,16 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
                                          code="STORAGE.1408" if st.row.status == HUNG else "STORAGE.1504")
 
     # --- registration ------------------------------------------------------------------------------
-    def _overlap(self, root: str, uuid: str | None) -> None:
-        for other in self.storages.values():
+    def _overlap(self, root: str, uuid: str | None, others: list[Storage] | None = None,
+                 kind: str = "primary storage") -> None:
+        """409 when root contains, or lies under, the root of one of others (default: the
+        primary storages) but storage uuid itself."""
+        for other in self.storages.values() if others is None else others:
             if other.uuid == uuid:
                 continue
             a, b = root.rstrip("/") + "/", other.root.rstrip("/") + "/"
             if a.startswith(b) or b.startswith(a):
-                raise errors.Conflict(f"{root} overlaps primary storage {other.uuid} at {other.root}",
+                raise errors.Conflict(f"{root} overlaps {kind} {other.uuid} at {other.root}",
                                       code="STORAGE.1009")
 
     async def _plan(self, kind: str, params) -> StorageRow:

@@ -122,18 +122,8 @@ class ImageStoreRoutes:
             with contextlib.suppress(Exception):
                 async with st.conn_lock:
                     await self._store_connect(st)
-        while True:
-            await asyncio.sleep(self.conf.probe_interval_seconds)
-            if st.conn_lock.locked():
-                continue
-            try:
-                await self.isdb.expire_exports(time.time())
-                async with st.conn_lock:
-                    await self._store_probe(st)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("image store %s: the health check failed", st.uuid)
+        await self._health_checks(st, "image store", self._store_probe,
+                                  before=lambda: self.isdb.expire_exports(time.time()))
 
     async def _store_status(self: "StoragePlugin", st: "Storage", status: str, reason: str | None) -> None:
         row = st.store
@@ -218,13 +208,7 @@ class ImageStoreRoutes:
                               "call reconnectBackupStorage")
 
     def _store_overlap(self: "StoragePlugin", root: str, uuid: str) -> None:
-        for other in [*self.storages.values(), *self.image_stores.values()]:
-            if other.uuid == uuid:
-                continue
-            a, b = root.rstrip("/") + "/", other.root.rstrip("/") + "/"
-            if a.startswith(b) or b.startswith(a):
-                raise errors.Conflict(f"{root} overlaps storage {other.uuid} at {other.root}",
-                                      code="STORAGE.1009")
+        self._overlap(root, uuid, [*self.storages.values(), *self.image_stores.values()], "storage")
 
     # -- registration ------------------------------------------------------------------------------
     @create(BS, params=AddImageStoreBackupStorage, result=ImageStoreReply)

@@ -68,20 +68,11 @@ class StreamMeta(WireModel):
 
 
 async def preflight(remote: migrate.Remote, dst: str, image_uuid: str) -> None:
-    status, body = await remote.get(f"/v1/backup-storage/{dst}")
-    if status == 401:
-        raise errors.OperationFailed(f"the destination agent {remote.base} refused the token",
-                                     code="STORAGE.1540")
-    if status != 200:
-        raise errors.OperationFailed(f"destination backup storage {dst} on {remote.base}: "
-                                     f"{migrate._remote_error(status, body)}", code="STORAGE.1540")
-    inv = body["inventory"]
+    inv = await migrate.destination_inventory(remote, "backup storage", dst)
     if inv.get("type") != IMAGE_STORE:
         raise errors.OperationFailed(f"destination backup storage {dst} is a {inv.get('type')} "
                                      "storage; images migrate to an image store", code="STORAGE.1540")
-    if inv.get("state") != "Enabled" or inv.get("status") != "Connected":
-        raise errors.OperationFailed(f"destination image store {dst} is {inv.get('state')}/"
-                                     f"{inv.get('status')}: it takes no images now", code="STORAGE.1540")
+    migrate.require_usable(inv, f"destination image store {dst}", "images")
     status, body = await remote.get(f"/v1/backup-storage/{dst}/images/{image_uuid}")
     if status == 200:
         raise errors.Conflict(f"image {image_uuid} already exists on the destination",

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from agent import errors
 from agent.models import CreateParams, WireModel, resource_uuid_field
 from agent.validation import ResourceUuid
 
-from .models import UUID_RE
+from .models import UUID_RE, HexDigest
 
 IMAGE_STORE = "ImageStoreBackupStorage"
 
@@ -64,18 +63,11 @@ class AddStoreImage(CreateParams):
     name: str = Field("", max_length=255)
     description: str | None = Field(None, max_length=2048)
     url: str = Field(min_length=1, max_length=4096, description="http://, https:// or file:///path")
-    checksum: str | None = Field(None, description="hex md5 (32 digits) or sha256 (64)")
+    checksum: HexDigest | None = Field(None, description="hex md5 (32 digits) or sha256 (64)")
     checksum_type: Literal["md5", "sha256"] | None = None
-    md5sum: str | None = None
-    sha256: str | None = None
+    md5sum: HexDigest | None = None
+    sha256: HexDigest | None = None
     format: str | None = Field(None, description="ignored: qemu-img says the format")
-
-    @field_validator("checksum", "md5sum", "sha256")
-    @classmethod
-    def _hex(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{64}", v):
-            raise ValueError("must be a hex md5 (32 digits) or sha256 (64 digits)")
-        return v.lower() if v else v
 
     def wanted(self) -> tuple[str | None, str | None]:
         """(sha256, md5) the content must have."""

@@ -98,19 +98,30 @@ def _remote_error(status: int, body: Any) -> str:
     return f"HTTP {status}"
 
 
-async def preflight(remote: Remote, dst_uuid: str, volume_uuid: str) -> None:
-    status, body = await remote.get(f"/v1/primary-storage/{dst_uuid}")
+async def destination_inventory(remote: Remote, kind: str, dst_uuid: str) -> dict[str, Any]:
+    """The destination storage's inventory from its agent (kind: "primary storage" or
+    "backup storage", also its path); a refused token or any other answer than 200 fails."""
+    status, body = await remote.get(f"/v1/{kind.replace(' ', '-')}/{dst_uuid}")
     if status == 401:
         raise errors.OperationFailed(f"the destination agent {remote.base} refused the token",
                                      code="STORAGE.1540")
     if status != 200:
-        raise errors.OperationFailed(f"destination primary storage {dst_uuid} on {remote.base}: "
+        raise errors.OperationFailed(f"destination {kind} {dst_uuid} on {remote.base}: "
                                      f"{_remote_error(status, body)}", code="STORAGE.1540")
-    inv = body["inventory"]
+    return body["inventory"]
+
+
+def require_usable(inv: dict[str, Any], what: str, takes: str) -> None:
+    """what (e.g. "destination image store <uuid>") must be Enabled and Connected to take
+    takes (volumes, images)."""
     if inv.get("state") != "Enabled" or inv.get("status") != "Connected":
-        raise errors.OperationFailed(f"destination primary storage {dst_uuid} is {inv.get('state')}/"
-                                     f"{inv.get('status')}: it takes no volumes now",
-                                     code="STORAGE.1540")
+        raise errors.OperationFailed(f"{what} is {inv.get('state')}/{inv.get('status')}: it takes "
+                                     f"no {takes} now", code="STORAGE.1540")
+
+
+async def preflight(remote: Remote, dst_uuid: str, volume_uuid: str) -> None:
+    inv = await destination_inventory(remote, "primary storage", dst_uuid)
+    require_usable(inv, f"destination primary storage {dst_uuid}", "volumes")
     status, body = await remote.get(f"/v1/primary-storage/{dst_uuid}/volumes",
                                     {"q": f"uuid={volume_uuid}", "count": "true"})
     if status == 200 and body.get("total"):

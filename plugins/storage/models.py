@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from agent.models import CreateParams, WireModel
 from agent.validation import full_match
@@ -23,6 +23,16 @@ SHARED_FS_TYPES = ["nfs", "nfs4", "cifs", "smb3", "ceph", "fuse.ceph", "fuse.cep
 
 def norm_uuid(v: str) -> str:
     return v.replace("-", "").lower()
+
+
+def _hex_digest(v: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{64}", v):
+        raise ValueError("must be a hex md5 (32 digits) or sha256 (64 digits)")
+    return v.lower()
+
+
+# A checksum as the manual gives it: hex md5 or sha256, either case; kept in lower case.
+HexDigest = Annotated[str, AfterValidator(_hex_digest)]
 
 
 class StorageSettings(WireModel):
@@ -234,16 +244,9 @@ class MigrateVolume(WireModel):
 class DownloadImage(WireModel):
     image_uuid: str = Field(pattern=UUID_RE)
     url: str = Field(min_length=1, max_length=4096, description="http:// or https://")
-    checksum: str | None = Field(None, description="hex digest of the file")
+    checksum: HexDigest | None = Field(None, description="hex digest of the file")
     checksum_type: Literal["md5", "sha256"] | None = None
-    md5sum: str | None = Field(None, description="the manual's md5 field; same as checksum+md5")
-
-    @field_validator("checksum", "md5sum")
-    @classmethod
-    def _hex(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{64}", v):
-            raise ValueError("must be a hex md5 (32 digits) or sha256 (64 digits)")
-        return v.lower() if v else v
+    md5sum: HexDigest | None = Field(None, description="the manual's md5 field; same as checksum+md5")
 
 
 class ImageCacheInventory(WireModel):
