@@ -142,6 +142,8 @@ class DeferredRegistry:
         self._collectors.append(collector)
 
     def unregister(self, collector: Any) -> None:
+        if collector not in self._collectors:
+            raise KeyError(collector)     # as CollectorRegistry.unregister
         if self._real is not None:
             self._real.unregister(collector)
         self._collectors.remove(collector)
