@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client import metrics as _pm
-from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
+from .lazy import lazy_import
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+
     from .context import AgentContext
+
+log = logging.getLogger("node_agent.metrics")
+
+# Imported on the first scrape: prometheus_client's package imports its HTTP exposition
+# servers (http.server, wsgiref, gzip...), ~1 MB of RSS an idle agent does not need.
+prometheus_client = lazy_import("prometheus_client")
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -42,7 +49,7 @@ class RequestMetrics:
 
     def __init__(self) -> None:
         self.bounds = tuple(float(b) for b in BUCKETS) + (float("inf"),)
-        self.le = tuple(floatToGoString(b) for b in self.bounds)
+        self._le: tuple[str, ...] | None = None   # the "le" labels, on the first scrape
         # (method, route, status) -> [count, created]
         self.counts: dict[tuple[str, str, int], list[float]] = {}
         # (method, route) -> [count of each bucket (not cumulative)..., sum, created]
@@ -82,12 +89,20 @@ class RequestMetrics:
             hist[-2] += seconds
         return observe
 
+    @property
+    def le(self) -> tuple[str, ...]:
+        if self._le is None:
+            self._le = tuple(prometheus_client.utils.floatToGoString(b) for b in self.bounds)
+        return self._le
+
     def describe(self) -> Iterator[Metric]:
-        yield Metric("node_agent_http_requests", "HTTP requests by route and status", "counter")
-        yield Metric("node_agent_http_request_seconds", "HTTP request latency", "histogram")
+        metric = prometheus_client.metrics_core.Metric
+        yield metric("node_agent_http_requests", "HTTP requests by route and status", "counter")
+        yield metric("node_agent_http_request_seconds", "HTTP request latency", "histogram")
 
     def collect(self) -> Iterator[Metric]:
-        created = getattr(_pm, "_use_created", True)   # PROMETHEUS_DISABLE_CREATED_SERIES
+        # PROMETHEUS_DISABLE_CREATED_SERIES
+        created = getattr(prometheus_client.metrics, "_use_created", True)
         counter, hist = self.describe()
         for (method, route, status), (value, made) in list(self.counts.items()):
             labels = {"method": method, "route": route, "status": str(status)}
@@ -109,13 +124,57 @@ class RequestMetrics:
         yield hist
 
 
+class DeferredRegistry:
+    """Where the plugins register their collectors (``register``/``unregister``, as on a
+    prometheus_client CollectorRegistry); the real registry is built, and given them in
+    the order they came, on the first scrape (``get``): until then prometheus_client is
+    not imported (memory at idle). A collector whose names clash with an earlier one
+    is left out then (logged), as prometheus_client would have refused it at register."""
+
+    def __init__(self, build: Callable[[], CollectorRegistry]) -> None:
+        self._build = build
+        self._real: CollectorRegistry | None = None
+        self._collectors: list[Any] = []
+
+    def register(self, collector: Any) -> None:
+        if self._real is not None:
+            self._real.register(collector)
+        self._collectors.append(collector)
+
+    def unregister(self, collector: Any) -> None:
+        if collector not in self._collectors:
+            raise KeyError(collector)     # as CollectorRegistry.unregister
+        if self._real is not None:
+            self._real.unregister(collector)
+        self._collectors.remove(collector)
+
+    def get(self) -> CollectorRegistry:
+        if self._real is None:
+            real = self._build()
+            for collector in list(self._collectors):
+                try:
+                    real.register(collector)
+                except ValueError as e:   # its names are taken: the first one serves them
+                    log.error("metrics collector %r left out: %s", collector, e)
+                    self._collectors.remove(collector)
+            self._real = real
+        return self._real
+
+    def collect(self) -> Iterator[Metric]:
+        return self.get().collect()
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
         self.http = RequestMetrics()
-        r.register(self.http)
         self.observe_request = self.http.observe
+        self.registry = DeferredRegistry(self._build_registry)
+
+    def _build_registry(self) -> CollectorRegistry:
+        """The registry with the agent's own series first (then the plugins', by get())."""
+        r = prometheus_client.CollectorRegistry(auto_describe=True)
+        r.register(self.http)
+        Gauge = prometheus_client.Gauge
         self.jobs = Gauge("node_agent_jobs", "Jobs known to the agent by state", ["state"], registry=r)
         self.backlog = Gauge("node_agent_outbox_backlog", "Undelivered webhooks and events",
                              ["kind"], registry=r)
@@ -125,8 +184,10 @@ class Metrics:
                               registry=r)
         self.host_mem = Gauge("node_agent_host_memory_bytes", "Host memory", ["kind"], registry=r)
         self.host_load = Gauge("node_agent_host_load1", "Host one-minute load average", registry=r)
+        return r
 
     async def render(self, ctx: "AgentContext") -> bytes:
+        registry = self.registry.get()
         for state, n in ctx.jobs.counts.items():
             self.jobs.labels(state).set(n)
         for kind, n in ctx.outbox.backlog.items():
@@ -140,4 +201,4 @@ class Metrics:
         self.host_mem.labels("total").set(load["mem_total"])
         self.host_mem.labels("available").set(load["mem_available"])
         self.host_load.set(load["load1"])
-        return generate_latest(self.registry)
+        return prometheus_client.generate_latest(registry)

@@ -1772,13 +1772,10 @@ def _primary_address() -> str:
 
 
 def _register_metrics(plugin: CephPlugin) -> None:
-    try:
-        from prometheus_client.core import GaugeMetricFamily
-    except ImportError:   # pragma: no cover
-        return
-
     class Collector:
         def collect(self):
+            # Imported on the first scrape (the agent's metrics registry is built then): memory at idle.
+            from prometheus_client.core import GaugeMetricFamily
             up = GaugeMetricFamily("node_agent_ceph_storage_connected",
                                    "1 when the Ceph storage's cluster answers", labels=["uuid", "kind"])
             hl = GaugeMetricFamily("node_agent_ceph_storage_health",

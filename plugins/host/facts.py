@@ -39,7 +39,9 @@ _EXTRA_BIN_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/libexec")
 # --------------------------------------------------------------------------
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+    # defer_build: validators built on the first /v1/host, as the wire models' are
+    # (memory at idle); the OpenAPI document is the same.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, defer_build=True)
 
 
 class CpuInfo(_Model):

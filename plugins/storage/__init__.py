@@ -25,7 +25,6 @@ import os
 from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
-from prometheus_client.core import GaugeMetricFamily
 
 from agent import errors, paths
 from agent.plugin import Plugin, action, create, delete, get, query, raw
@@ -1154,6 +1153,8 @@ class StorageCollector:
         return []
 
     def collect(self):
+        # Imported on the first scrape (the agent's metrics registry is built then): memory at idle.
+        from prometheus_client.core import GaugeMetricFamily
         cap = GaugeMetricFamily("node_agent_storage_capacity_bytes",
                                 "Primary storage capacity by kind (as of the last check)",
                                 labels=["primary_storage_uuid", "type", "kind"])

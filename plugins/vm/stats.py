@@ -19,14 +19,15 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from agent import errors
 from agent.models import iso
 
 from .states import state_name
+
+if TYPE_CHECKING:
+    from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("node_agent.vm.stats")
 
@@ -256,6 +257,8 @@ class VmCollector:
         return self._families(sample=True)
 
     def _families(self, sample: bool) -> list[GaugeMetricFamily]:
+        # Imported on the first scrape (the agent's metrics registry is built then): memory at idle.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         s = self.sampler
         fams = [GaugeMetricFamily(n, h, labels=["uuid", "name"]) for n, h, _ in self._GAUGES]
         running = GaugeMetricFamily("node_agent_vm_running", "1 if the VM runs (or is paused)",
