@@ -273,7 +273,7 @@ class ChassisRoutes:
             await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
             self._pump_stop.set()
             if self._pump is not None:
-                await asyncio.to_thread(self._pump.join, 2)
+                await self.runner.call(self._pump.join, 2, timeout=5)
 
     def _ensure_pump(self) -> None:
         """pyghmi (~10 MB of RSS with cryptography) is loaded and its event loop driven

@@ -22,11 +22,13 @@ from typing import Callable
 
 
 from agent import errors
+from agent.runner import Runner
 
 log = logging.getLogger("node_agent.baremetal.pxe")
 
 READY_TIMEOUT = 5.0
 STOP_TIMEOUT = 3.0
+FS_TIMEOUT = 10.0            # a read of /proc or of the state dir, in the plugin's pool
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 STABLE_SECONDS = 60.0          # a run this long resets the backoff
 LOG_ROTATE_BYTES = 10 << 20
@@ -64,9 +66,10 @@ def _cmdline(pid: int) -> str:
 
 
 class Dnsmasq:
-    def __init__(self, name: str, binary: str, workdir: Path,
+    def __init__(self, name: str, binary: str, workdir: Path, runner: Runner,
                  on_change: Callable[[], None] | None = None) -> None:
         self.name = name
+        self.runner = runner              # the plugin's bounded pool: /proc and pid-file reads
         self.binary = binary
         self.dir = workdir
         self.conf = workdir / "dnsmasq.conf"
@@ -164,7 +167,7 @@ class Dnsmasq:
         if self.running:
             return
         self._stopping = False
-        await asyncio.to_thread(self.kill_stale)
+        await self.runner.call(self.kill_stale, timeout=FS_TIMEOUT)
         self.proc = await self._spawn()
         self.reason = None
         log.info("PXE server %s: dnsmasq started (pid %d)", self.name, self.proc.pid)
@@ -204,7 +207,7 @@ class Dnsmasq:
             if self._stopping:
                 return
             try:
-                await asyncio.to_thread(self.kill_stale)
+                await self.runner.call(self.kill_stale, timeout=FS_TIMEOUT)
                 self.proc = await self._spawn()
             except errors.ApiError as e:
                 self.reason = e.description
@@ -240,7 +243,8 @@ class Dnsmasq:
             await asyncio.wait_for(asyncio.shield(proc.wait()), STOP_TIMEOUT)
         except TimeoutError:
             pass
-        while (left := await asyncio.to_thread(_group, proc.pid)) and time.monotonic() < deadline:
+        while (left := await self.runner.call(_group, proc.pid, timeout=FS_TIMEOUT)) and \
+                time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if left:
             with contextlib.suppress(ProcessLookupError):

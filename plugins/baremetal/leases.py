@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from agent.runner import Runner
 from agent.validation import full_match
 
 log = logging.getLogger("node_agent.baremetal.pxe")
@@ -101,10 +102,14 @@ def _drain(spool: Path) -> list[dict[str, Any]]:
     return out
 
 
+DRAIN_TIMEOUT = 10.0         # reading the spool of lease events, in the plugin's pool
+
+
 class LeaseWatcher:
     def __init__(self, server_uuid: str, spool: Path,
-                 publish: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+                 publish: Callable[[dict[str, Any]], Awaitable[None]], runner: Runner) -> None:
         self.server_uuid = server_uuid
+        self.runner = runner              # the plugin's bounded pool: the spool is read there
         self.spool = spool
         self._publish = publish
         self._last: dict[str, tuple] = {}      # mac -> (ip, hostname, expires)
@@ -122,7 +127,7 @@ class LeaseWatcher:
         await self.poll()       # what dnsmasq reported up to its stop
 
     async def poll(self) -> None:
-        for ev in await asyncio.to_thread(_drain, self.spool):
+        for ev in await self.runner.call(_drain, self.spool, timeout=DRAIN_TIMEOUT):
             key = (ev["ip"], ev["hostname"], ev["expires"])
             if ev["action"] == "old" and self._last.get(ev["mac"]) == key:
                 continue          # a re-announcement (SIGHUP), not a change

@@ -48,7 +48,7 @@ from agent.validation import full_match
 
 from . import hostcfg as render
 from . import netinfo
-from .dnsmasq import Dnsmasq
+from .dnsmasq import FS_TIMEOUT, Dnsmasq
 from .leases import LeaseWatcher, read_lease_file, write_hook
 from .pxe_models import (CreateHostCfg, CreatePxeServer, HostCfgInventory, HostCfgReply,
                          PxeServerInventory, PxeServerReply, UpdatePxeServer, normalize_mac,
@@ -264,9 +264,10 @@ class PxeRoutes:
         server = self._pxe_servers.get(uuid)
         if server is None:
             workdir = self._pxe_server_dir(uuid)
-            server = _Server(uuid, Dnsmasq(uuid, self._pxe_dnsmasq, workdir),
+            server = _Server(uuid, Dnsmasq(uuid, self._pxe_dnsmasq, workdir, self.runner),
                              LeaseWatcher(uuid, workdir / "spool",
-                                          lambda ev, u=uuid: self._pxe_lease_event(u, ev)))
+                                          lambda ev, u=uuid: self._pxe_lease_event(u, ev),
+                                          self.runner))
             self._pxe_servers[uuid] = server
         return server
 
@@ -378,7 +379,7 @@ class PxeRoutes:
             _atomic_write(tftp / "boot.ipxe", boot, 0o644)
             _atomic_write(workdir / "dnsmasq.conf", text, 0o600)
             write_hook(workdir / "lease-hook", workdir / "spool", row["uuid"])
-        await asyncio.to_thread(_write)
+        await self.runner.call(_write, timeout=FS_TIMEOUT)
 
     async def _pxe_check(self, *, name: str, interface: str, begin: str, end: str,
                          netmask: str | None, router: str | None = None,
@@ -459,7 +460,7 @@ class PxeRoutes:
             except BaseException:
                 await self._pxe_stop(uuid)
                 await self.agent.db.execute("DELETE FROM bm_pxe_servers WHERE uuid=?", (uuid,))
-                await asyncio.to_thread(shutil.rmtree, self._pxe_server_dir(uuid), True)
+                await self.runner.call(shutil.rmtree, self._pxe_server_dir(uuid), True, timeout=FS_TIMEOUT)
                 raise
             return PxeServerReply(inventory=self._pxe_inventory(await self._pxe_row(uuid)))
 
@@ -575,7 +576,8 @@ class PxeRoutes:
             row = await self._pxe_row(uuid)
             await self._pxe_stop(row["uuid"])
             await self.agent.db.execute("DELETE FROM bm_pxe_servers WHERE uuid=?", (row["uuid"],))
-            await asyncio.to_thread(shutil.rmtree, self._pxe_server_dir(row["uuid"]), True)
+            await self.runner.call(shutil.rmtree, self._pxe_server_dir(row["uuid"]), True,
+                                  timeout=FS_TIMEOUT)
             return {}
 
     @pxe_delete_server.check
@@ -606,7 +608,8 @@ class PxeRoutes:
             for b in spec["bondings"]:
                 for m in b["slaves"]:
                     macs.setdefault(m, (r["uuid"], r["chassis_uuid"]))
-        await asyncio.to_thread(_atomic_write, self._pxe_hostsfile, "\n".join(lines) + "\n", 0o600)
+        await self.runner.call(_atomic_write, self._pxe_hostsfile, "\n".join(lines) + "\n", 0o600,
+                               timeout=FS_TIMEOUT)
         self._pxe_macs = macs
         for server in self._pxe_servers.values():
             server.dnsmasq.reload()
@@ -829,7 +832,7 @@ class PxeRoutes:
 
         def _read() -> set[str]:
             return {ip for f in files if (ip := read_lease_file(f).get(mac))}
-        return ips | await asyncio.to_thread(_read)
+        return ips | await self.runner.call(_read, timeout=FS_TIMEOUT)
 
     @raw("GET", "/v1/baremetal/boot/{family}/{name}", auth=False)
     async def pxe_boot_file(self, request: web.Request) -> web.StreamResponse:
@@ -839,7 +842,7 @@ class PxeRoutes:
             raise errors.NotFound(f"no such boot file: {family}/{name} (rhel or debian, "
                                   "vmlinuz or initrd.img)", code="BM.2012")
         path = self._pxe_boot_dir / family / name
-        if not await asyncio.to_thread(path.is_file):
+        if not await self.runner.call(path.is_file, timeout=FS_TIMEOUT):
             log.warning("the installer's %s for %s is missing: put it at %s", name, family, path)
             # Public route: the body names no server path (the log does, for the operator).
             raise errors.NotFound(f"the agent has no {family} {name} (the operator puts it in "
