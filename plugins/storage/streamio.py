@@ -399,8 +399,9 @@ def fetch(cfg: dict) -> int:
     """GET an http(s) URL into a new hidden file of the storage, hashing in the same pass.
 
     The socket is read in the main thread into huge-page buffers (see huge_page_buffers)
-    while one thread hashes and another writes, so the three overlap.  The file keeps its temporary name until a "COMMIT <path>" line
-    arrives on stdin; EOF or anything else removes it.
+    while one thread hashes and another writes, so the three overlap.  The file keeps its
+    temporary name until a "COMMIT <path>" line arrives on stdin; EOF or anything else
+    removes it.
     """
     root, tmp = cfg["root"], cfg["tmp"]
     h = fsworker.new_hash(cfg.get("alg", "sha256"))
