@@ -169,27 +169,8 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, st: "Storage",
     writer = Writer(st.uuid, st.root, temp_name(f"blobs/{obj}", plugin.tag), alg, "stream",
                     plugin.conf.migration_stall_seconds, sock_fd=sock_fd)
     await writer.start(plugin.writer_spare)
-    handed_over = False
     try:
-        if sock_fd is not None:
-            prefix = migrate._take_over(request)
-            handed_over = True
-            await writer.begin(prefix, request.content_length)
-        else:
-            await writer.begin()
-            got = 0
-            while chunk := await request.content.readany():
-                await writer.feed(chunk)
-                got += len(chunk)
-            if got != request.content_length:
-                raise errors.BadRequest(f"the stream ended after {got} of {request.content_length} "
-                                        "bytes", code="STORAGE.1001")
-        report = await writer.report()
-        if not report.get("claimed") or report["digest"] != report["claimed"]:
-            raise errors.BadRequest(f"checksum mismatch: the sender says {report.get('claimed')}, "
-                                    f"the data received is {report['digest']}", code="STORAGE.1541")
-        if report["size"] != file_size:
-            raise errors.BadRequest("the stream's size disagrees with X-File-Size", code="STORAGE.1001")
+        await migrate.stream_body(writer, request, file_size)
         async with st.commit_lock:
             if (await plugin.fs(st, "lookup", path=blob_path(sha)))["exists"]:
                 await writer.abort()             # that content is here already
@@ -200,12 +181,7 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, st: "Storage",
                              md5=meta.md5, description=meta.description)
             await plugin.isdb.save_image(row)
     except errors.ApiError as e:
-        await writer.abort()
-        if writer.left_temp:
-            plugin.remove_later(st, writer.tmp_rel)
-        if not handed_over:
-            raise
-        return migrate._closing(web.json_response(e.body(), status=e.status))
+        return await migrate.refused(plugin, st, writer, e)
     except BaseException:
         await writer.abort()
         raise

@@ -39,7 +39,7 @@ from yarl import URL
 from agent import errors
 from agent.runner import kill_tree
 
-from . import fsworker, volumes
+from . import volumes
 from .fsclient import FsError, helper_pypath
 from .imagecache import ssl_context
 from .registry import ImageRow, VolumeRow
@@ -430,33 +430,8 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, kind: str, st:
             await asyncio.gather(starting, return_exceptions=True)   # a spawn at most: quick
             await writer.abort()
             raise
-        handed_over = False
         try:
-            if sock_fd is not None:
-                # From here the writer reads the body from the connection itself.
-                prefix = _take_over(request)
-                handed_over = True
-                await writer.begin(prefix, request.content_length)
-                report = await writer.report()     # it read exactly Content-Length, or failed
-            else:
-                await writer.begin()
-                got = 0
-                while True:
-                    chunk = await request.content.readany()
-                    if not chunk:
-                        break
-                    await writer.feed(chunk)
-                    got += len(chunk)
-                if got != request.content_length:
-                    raise errors.BadRequest(f"the stream ended after {got} of "
-                                            f"{request.content_length} bytes", code="STORAGE.1001")
-                report = await writer.report()
-            if not report.get("claimed") or report["digest"] != report["claimed"]:
-                raise errors.BadRequest(f"checksum mismatch: the sender says {report.get('claimed')}, "
-                                        f"the data received is {report['digest']}", code="STORAGE.1541")
-            if report["size"] != file_size:
-                raise errors.BadRequest("the stream's file size disagrees with X-File-Size",
-                                        code="STORAGE.1001")
+            report = await stream_body(writer, request, file_size)
             if fmt == "raw":
                 # what qemu-img info -f raw would say (a raw file has nothing more to read)
                 infos = [{"virtual-size": report["size"], "actual-size": report.get("allocated")}]
@@ -470,14 +445,7 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, kind: str, st:
             await volumes.check(plugin.runner, writer.tmp_path, fmt, plugin.conf.qemu_img_timeout_seconds)
             await writer.commit(path)
         except errors.ApiError as e:
-            await writer.abort()
-            if writer.left_temp:          # killed (OOM, an operator): its file goes now
-                plugin.remove_later(st, writer.tmp_rel)
-            if not handed_over:
-                raise
-            # The body was not read through aiohttp: answer here, and close the connection
-            # (it would otherwise wait for the body's remaining bytes).
-            return _closing(web.json_response(e.body(), status=e.status))
+            return await refused(plugin, st, writer, e)
         except BaseException:
             await writer.abort()
             raise
@@ -498,6 +466,47 @@ async def _receive(plugin: "StoragePlugin", request: web.Request, kind: str, st:
             inv = plugin.image_inventory(st, row)
     resp = web.json_response({"inventory": inv})
     return _closing(resp) if sock_fd is not None else resp
+
+
+async def stream_body(writer: Writer, request: web.Request, file_size: int) -> dict[str, Any]:
+    """The request's body through the started writer, and its report once checked against
+    the sender's stream digest and X-File-Size.  Given the connection (``sock_fd``), the
+    writer reads the body from it itself (``writer.took_connection``: the answer must then
+    close the connection); otherwise aiohttp's reading is fed to it."""
+    if writer.sock_fd is not None:
+        prefix = _take_over(request)
+        writer.took_connection = True
+        await writer.begin(prefix, request.content_length)
+    else:
+        await writer.begin()
+        got = 0
+        while chunk := await request.content.readany():
+            await writer.feed(chunk)
+            got += len(chunk)
+        if got != request.content_length:
+            raise errors.BadRequest(f"the stream ended after {got} of {request.content_length} "
+                                    "bytes", code="STORAGE.1001")
+    report = await writer.report()       # with the connection: it read exactly Content-Length
+    if not report.get("claimed") or report["digest"] != report["claimed"]:
+        raise errors.BadRequest(f"checksum mismatch: the sender says {report.get('claimed')}, "
+                                f"the data received is {report['digest']}", code="STORAGE.1541")
+    if report["size"] != file_size:
+        raise errors.BadRequest("the stream's file size disagrees with X-File-Size",
+                                code="STORAGE.1001")
+    return report
+
+
+async def refused(plugin: "StoragePlugin", st: "Storage", writer: Writer,
+                  e: errors.ApiError) -> web.StreamResponse:
+    """A receive that failed with e: nothing kept; e raised, or, when the writer had the
+    connection (the body not read through aiohttp), answered here on a closing connection
+    (it would otherwise wait for the body's remaining bytes)."""
+    await writer.abort()
+    if writer.left_temp:          # killed (OOM, an operator): its file goes now
+        plugin.remove_later(st, writer.tmp_rel)
+    if not writer.took_connection:
+        raise e
+    return _closing(web.json_response(e.body(), status=e.status))
 
 
 def _socket_fd(request: web.Request) -> int | None:

@@ -61,6 +61,7 @@ class Writer:
                  stall: float, sock_fd: int | None = None) -> None:
         self.storage_uuid = storage_uuid
         self.sock_fd = sock_fd
+        self.took_connection = False      # it reads the body from sock_fd (migrate.stream_body)
         self.root = root
         self.tmp_rel = tmp_rel
         self.alg = alg
