@@ -62,6 +62,11 @@ class StorageKind:
     import_image: Callable[[Any, str, dict[str, Any]], Awaitable[Any]] | None = None
 
 
+def hex_uuid(uuid: str) -> str:
+    """A uuid of a route (32 hex digits, dashes allowed) as the kinds keep it."""
+    return uuid.replace("-", "").lower()
+
+
 class StorageKinds:
     """The registry (one per agent, on the AgentContext)."""
 
@@ -79,11 +84,11 @@ class StorageKinds:
     def holder(self, uuid: str) -> StorageKind | None:
         """The kind, of either category and any plugin, that has a storage of this uuid: one
         uuid names one storage of this node, so a registration must not take it again."""
-        u = uuid.replace("-", "").lower()
+        u = hex_uuid(uuid)
         return next((k for k in self.kinds if u in k.uuids()), None)
 
     def owner(self, category: str, uuid: str) -> StorageKind:
-        u = uuid.replace("-", "").lower()
+        u = hex_uuid(uuid)
         for k in self.of(category):
             if u in k.uuids():
                 reason = k.available()
@@ -185,33 +190,37 @@ class StorageCollectionRoutes:
     def _kinds(self) -> StorageKinds:
         return self.agent.storage_kinds          # type: ignore[attr-defined]
 
+    def _owned(self, category: str, uuid: str) -> tuple[StorageKind, str]:
+        """The kind that owns the storage, and its uuid as the kinds keep it (32 lower hex)."""
+        return self._kinds().owner(category, uuid), hex_uuid(uuid)
+
     async def _get(self, category: str, uuid: str) -> dict[str, Any]:
-        k = self._kinds().owner(category, uuid)
-        return {"inventory": common_row(k.inventory(uuid.replace("-", "").lower()), k.type)}
+        k, u = self._owned(category, uuid)
+        return {"inventory": common_row(k.inventory(u), k.type)}
 
     async def _capacity(self, category: str, uuid: str) -> Any:
-        k = self._kinds().owner(category, uuid)
-        return await k.capacity(uuid.replace("-", "").lower())
+        k, u = self._owned(category, uuid)
+        return await k.capacity(u)
 
     async def _act(self, category: str, name: str, job, params, uuid: str) -> Any:
-        k = self._kinds().owner(category, uuid)
+        k, u = self._owned(category, uuid)
         act, p = kind_params(k, name, params)
-        return await act.run(job, p, uuid.replace("-", "").lower())
+        return await act.run(job, p, u)
 
     async def _act_check(self, category: str, name: str, params, uuid: str) -> None:
-        k = self._kinds().owner(category, uuid)
+        k, u = self._owned(category, uuid)
         act, p = kind_params(k, name, params)
         if act.check is not None:
-            await act.check(p, uuid.replace("-", "").lower())
+            await act.check(p, u)
 
     async def _delete(self, category: str, job, params, uuid: str) -> Any:
-        k = self._kinds().owner(category, uuid)
-        return await k.delete(job, params or DeleteStorageQuery(), uuid.replace("-", "").lower())
+        k, u = self._owned(category, uuid)
+        return await k.delete(job, params or DeleteStorageQuery(), u)
 
     async def _delete_check(self, category: str, params, uuid: str) -> None:
-        k = self._kinds().owner(category, uuid)
+        k, u = self._owned(category, uuid)
         if k.check_delete is not None:
-            await k.check_delete(params or DeleteStorageQuery(), uuid.replace("-", "").lower())
+            await k.check_delete(params or DeleteStorageQuery(), u)
 
     # primary storage
     @query("/v1/primary-storage", model=StorageInventory)
