@@ -171,6 +171,10 @@ class Plugin:
     def set_available(self, ok: bool, reason: str | None = None) -> None:
         self.available, self.unavailable_reason = ok, (None if ok else reason)
 
+    def down_reason(self) -> str | None:
+        """Why the plugin cannot answer now, or None (e.g. a StorageKind's ``available``)."""
+        return None if self.available else (self.unavailable_reason or f"the {self.name} plugin is down")
+
     def set_capability(self, name: str, ok: bool, reason: str | None = None) -> None:
         self.capabilities[name] = None if ok else (reason or f"{name} is not available")
 

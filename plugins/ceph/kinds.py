@@ -52,9 +52,6 @@ def _kind(p: "CephPlugin", kind: str, actions_path: str) -> StorageKind:
         await check_delete(params, uuid)
         return await p._unregister(uuid)
 
-    def unavailable() -> str | None:
-        return None if p.available else (p.unavailable_reason or "the ceph plugin is down")
-
     routes = type(p).routes()
     actions = {r.action: _bind(p, r) for r in routes
                if r.kind == "action" and r.path == actions_path}
@@ -72,5 +69,5 @@ def _kind(p: "CephPlugin", kind: str, actions_path: str) -> StorageKind:
 
     return StorageKind(category=kind, type="Ceph", plugin=p.name, uuids=uuids, inventory=inventory,
                        capacity=capacity, delete=delete, check_delete=check_delete,
-                       actions=actions, available=unavailable,
+                       actions=actions, available=p.down_reason,
                        import_image=import_image if create is not None else None)

@@ -688,7 +688,8 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
             await self._connect(st, remount=True)
         return {"inventory": st.row.inventory()}
 
-    async def _reconnect_check(self, params, uuid: str) -> None:
+    async def _found_check(self, params, uuid: str) -> None:
+        """The request's check of reconnect, sync capacity and change state: a 404 at once."""
         self.get_storage(uuid)
 
     async def sync_capacity(self, job, params, uuid: str) -> dict[str, Any]:
@@ -696,18 +697,12 @@ class StoragePlugin(ImageStoreRoutes, Plugin):
         await self._capacity(st, save=True)
         return {"inventory": st.row.inventory()}
 
-    async def _sync_check(self, params, uuid: str) -> None:
-        self.get_storage(uuid)
-
     async def change_state(self, job, params: ChangePrimaryStorageState, uuid: str) -> dict[str, Any]:
         """enable / disable / maintain: a storage that is not Enabled takes no new volumes."""
         st = self.get_storage(uuid)
         st.row.state = STATE_EVENTS[params.state_event]
         await self.registry.save_storage(st.row)
         return {"inventory": st.row.inventory()}
-
-    async def _state_check(self, params, uuid: str) -> None:
-        self.get_storage(uuid)
 
     async def clean_up_cache(self, job, params, uuid: str) -> dict[str, Any]:
         """Remove the cached images that no image on the storage has in its backing chain."""

@@ -292,15 +292,9 @@ class ImageStoreRoutes:
 
     async def store_delete(self: "StoragePlugin", job, params, uuid: str) -> dict[str, Any]:
         """Forget the store; its blobs stay unless deleteData=true (then they are removed)."""
+        await self.store_delete_check(params, uuid)    # still true now the job runs
         st = self.get_store(uuid)
-        if st.busy:
-            raise errors.Conflict(f"image store {st.uuid} is busy", code="STORAGE.1009")
-        removed = 0
-        if params.delete_data:
-            for b in await self.fs(st, "listdir", path=BLOBS):
-                if b["type"] == "file" and SHA256_RE.match(b["name"]):
-                    await self.fs(st, "unlink", path=f"{BLOBS}/{b['name']}", missing_ok=True)
-                    removed += 1
+        removed = len((await self._remove_blobs(st, keep=set()))[0]) if params.delete_data else 0
         self.image_stores.pop(st.uuid, None)
         if st.monitor is not None:
             st.monitor.cancel()
@@ -323,17 +317,24 @@ class ImageStoreRoutes:
         st = self.get_store(uuid)
         async with st.commit_lock:       # no blob is being given its name meanwhile
             wanted = {i.sha256 for i in await self.isdb.images(st.uuid)}
-            removed, freed = [], 0
-            for b in await self.fs(st, "listdir", path=BLOBS):
-                name = b["name"]
-                if b["type"] != "file" or not SHA256_RE.match(name) or name in wanted:
-                    continue
-                await self.fs(st, "unlink", path=f"{BLOBS}/{name}", missing_ok=True)
-                removed.append(name)
-                freed += b.get("allocated", 0)
+            removed, freed = await self._remove_blobs(st, keep=wanted)
         with contextlib.suppress(errors.ApiError):
             await self._store_capacity(st)
         return {"removedBlobs": removed, "reclaimedBytes": freed}
+
+    async def _remove_blobs(self: "StoragePlugin", st: "Storage",
+                            keep: set[str]) -> tuple[list[str], int]:
+        """Remove the store's blobs (blobs/<sha256> files) but those in keep: their names
+        and the bytes they took."""
+        removed, freed = [], 0
+        for b in await self.fs(st, "listdir", path=BLOBS):
+            name = b["name"]
+            if b["type"] != "file" or not SHA256_RE.match(name) or name in keep:
+                continue
+            await self.fs(st, "unlink", path=f"{BLOBS}/{name}", missing_ok=True)
+            removed.append(name)
+            freed += b.get("allocated", 0)
+        return removed, freed
 
     # -- images ------------------------------------------------------------------------------------
     def store_image_inventory(self: "StoragePlugin", st: "Storage", i: StoreImage) -> dict[str, Any]:
@@ -422,9 +423,8 @@ class ImageStoreRoutes:
             raise errors.OperationFailed("the given md5 does not match the stored content of that "
                                          "sha256", code="STORAGE.1531")
         row = StoreImage(bs_uuid=st.uuid, uuid=iu, name=params.name, sha256=same.sha256,
-                                 format=same.format, size=same.size, actual_size=same.actual_size,
-                                 url=params.url, md5=want_md5 or same.md5,
-                                 description=params.description)
+                         format=same.format, size=same.size, actual_size=same.actual_size,
+                         url=params.url, md5=want_md5 or same.md5, description=params.description)
         await self.isdb.save_image(row)
         return row
 
@@ -527,7 +527,7 @@ class ImageStoreRoutes:
                 "expireDate": iso(expires)}
 
     @export_store_image.check
-    async def _export_check(self: "StoragePlugin", params, uuid: str, imageUuid: str) -> None:
+    async def _image_found_check(self: "StoragePlugin", params, uuid: str, imageUuid: str) -> None:
         await self._store_image(self.get_store(uuid), imageUuid)
 
     @action(IMG + "/actions", "deleteExportedImageFromBackupStorage", params=Empty)
@@ -537,9 +537,7 @@ class ImageStoreRoutes:
         img = await self._store_image(st, imageUuid)
         return {"revoked": await self.isdb.delete_exports(st.uuid, img.uuid)}
 
-    @unexport_store_image.check
-    async def _unexport_check(self: "StoragePlugin", params, uuid: str, imageUuid: str) -> None:
-        await self._store_image(self.get_store(uuid), imageUuid)
+    unexport_store_image.check(_image_found_check)
 
     # -- migrate (imagestore_migrate.py) --------------------------------------------------------------
     @action(IMG + "/actions", "migrateImage", params=imagestore_migrate.MigrateImage,
@@ -606,9 +604,6 @@ def kind(p: "StoragePlugin") -> StorageKind:
     async def check_get(params, uuid: str) -> None:
         p.get_store(uuid)
 
-    def unavailable() -> str | None:
-        return None if p.available else (p.unavailable_reason or "the storage plugin is down")
-
     async def import_image(job, uuid: str, img: dict[str, Any]) -> Any:
         """Another backup storage of this node hands over an image (migrateImage): the image
         keeps its uuid, and the create's resourceUuid rule holds as if it came by HTTP."""
@@ -627,7 +622,7 @@ def kind(p: "StoragePlugin") -> StorageKind:
         category=BACKUP, type=IMAGE_STORE, import_image=import_image, plugin=p.name,
         uuids=lambda: list(p.image_stores),
         inventory=lambda u: p.store_inventory(p.get_store(u)), capacity=p.store_capacity,
-        delete=p.store_delete, check_delete=p.store_delete_check, available=unavailable,
+        delete=p.store_delete, check_delete=p.store_delete_check, available=p.down_reason,
         actions={
             "reconnectBackupStorage": KindAction(p.store_reconnect, Empty, check_get),
             "syncBackupStorageCapacity": KindAction(p.store_sync, Empty, check_get),

@@ -45,17 +45,14 @@ def _primary_kind(p: "StoragePlugin", type_: str) -> StorageKind:
                                     "on the storage", code="STORAGE.1001")
         await p._delete_check(params, uuid)
 
-    def unavailable() -> str | None:
-        return None if p.available else (p.unavailable_reason or "the storage plugin is down")
-
     return StorageKind(
         category=PRIMARY, type=type_, plugin=p.name, uuids=uuids, inventory=inventory,
-        capacity=p.get_capacity, delete=delete, check_delete=check_delete, available=unavailable,
+        capacity=p.get_capacity, delete=delete, check_delete=check_delete, available=p.down_reason,
         actions={
-            "reconnectPrimaryStorage": KindAction(p.reconnect, Empty, p._reconnect_check),
-            "syncPrimaryStorageCapacity": KindAction(p.sync_capacity, Empty, p._sync_check),
+            "reconnectPrimaryStorage": KindAction(p.reconnect, Empty, p._found_check),
+            "syncPrimaryStorageCapacity": KindAction(p.sync_capacity, Empty, p._found_check),
             "changePrimaryStorageState": KindAction(p.change_state, ChangePrimaryStorageState,
-                                                    p._state_check),
+                                                    p._found_check),
             "cleanUpImageCacheOnPrimaryStorage": KindAction(p.clean_up_cache, Empty,
                                                             p._cleanup_check),
             "updatePrimaryStorage": KindAction(
